@@ -1,0 +1,15 @@
+"""LoRA Workbench: load, stack, train and merge LoRAs inside ComfyUI."""
+from comfy_api.latest import ComfyExtension, io
+
+from .nodes import NODE_LIST
+
+WEB_DIRECTORY = "./web"
+
+
+class LoRAWorkbench(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODE_LIST)
+
+
+async def comfy_entrypoint() -> ComfyExtension:
+    return LoRAWorkbench()

@@ -1,0 +1,26 @@
+"""Load a LoRA file once: parsed results are kept while the file is unchanged on disk."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from .formats import LoRA, parse_lora
+from .safetensors_io import read_lora_file
+
+_CACHE: "OrderedDict[tuple, LoRA]" = OrderedDict()
+CACHE_SIZE = 8  # a typical stack; parsed LoRAs are small next to the model
+
+
+def load_lora(path: str, name: str | None = None) -> LoRA:
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    tensors, metadata = read_lora_file(path)
+    lora = parse_lora(tensors, name or os.path.basename(path), metadata)
+    lora.source_path = os.path.abspath(path)
+    _CACHE[key] = lora
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return lora

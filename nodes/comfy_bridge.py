@@ -1,0 +1,131 @@
+"""The one place lora_core meets ComfyUI's model management.
+
+Merge mode goes through ModelPatcher.add_patches with a WeightAdapterBase subclass, so
+ComfyUI itself backs weights up, patches them on the load device (also in lowvram mode)
+and restores them on unpatch. Bypass mode installs lora_core.BypassForward through
+ModelPatcher.add_object_patch, which ComfyUI sets on load and removes on unpatch.
+Everything works on clones; the shared base model is never touched.
+"""
+from __future__ import annotations
+
+import weakref
+
+import comfy.lora
+import comfy.supported_models as supported
+import comfy.utils
+import torch
+from comfy.weight_adapter import WeightAdapterBase
+
+from ..lora_core import (CLIP, MODEL, BypassForward, LoRA, MatchResult, Target, Term, apply_terms, match_lora,
+                         supports_bypass)
+from ..lora_core import families
+
+MERGE, BYPASS = "merge", "bypass"
+MODES = [MERGE, BYPASS]
+
+
+class WorkbenchWeightPatch(WeightAdapterBase):
+    """A layer's fused LoRA terms, applied by ComfyUI's own weight-patching loop."""
+
+    name = "lora_workbench"
+
+    def __init__(self, terms: list[Term]):
+        self.terms = terms
+        self.loaded_keys = set()
+        self.weights = []
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        return apply_terms(weight, self.terms, strength)
+
+
+_FAMILY_OF_CONFIG = [(supported.SDXL, families.SDXL), (supported.SDXLRefiner, families.SDXL),
+                     (supported.SD15, families.SD1), (supported.SD20, families.SD2),
+                     (supported.Flux, families.FLUX), (supported.SD3, families.SD3)]
+
+
+def model_family(model=None, clip=None) -> str:
+    if model is not None:
+        config = model.model.model_config
+        for cls, family in _FAMILY_OF_CONFIG:
+            if isinstance(config, cls):
+                return family
+        return type(config).__name__
+    if clip is not None:
+        names = {k.split(".", 1)[0] for k in clip.cond_stage_model.state_dict()}
+        if "clip_g" in names:
+            return families.SDXL
+        if "t5xxl" in names:
+            return families.FLUX
+        return families.SD1
+    return families.UNKNOWN
+
+
+# Key maps and weight shapes per live model: building them walks the whole state dict.
+_HOST_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _host_keys(module: torch.nn.Module, builder) -> tuple[dict, dict]:
+    if module not in _HOST_CACHE:
+        key_map = builder(module, {})
+        shapes = {k: v.shape for k, v in module.state_dict().items()}
+        _HOST_CACHE[module] = (key_map, shapes)
+    return _HOST_CACHE[module]
+
+
+def match_on_host(lora: LoRA, model=None, clip=None, allow_partial: bool = False) -> MatchResult:
+    key_map, shapes, connected = {}, {}, set()
+    if model is not None:
+        km, sh = _host_keys(model.model, comfy.lora.model_lora_keys_unet)
+        key_map.update(km), shapes.update(sh), connected.add(MODEL)
+    if clip is not None:
+        km, sh = _host_keys(clip.cond_stage_model, comfy.lora.model_lora_keys_clip)
+        key_map.update(km), shapes.update(sh), connected.add(CLIP)
+    return match_lora(lora, key_map, shapes, connected, model_family(model, clip), allow_partial)
+
+
+def _patch_key(target: Target):
+    return target.key if target.offset is None else (target.key, target.offset)
+
+
+def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list, mode: str) -> dict[str, int]:
+    """Add our patches to an already-cloned ModelPatcher; returns counts for the report."""
+    weight_patches, bypassed, merged_instead = {}, 0, 0
+    for target, terms in layers.items():
+        module_path = target.key.rsplit(".", 1)[0]
+        module = comfy.utils.get_attr(patcher.model, module_path) if mode == BYPASS else None
+        additive = all(t.adapter.dora_scale is None for t in terms)
+        if mode == BYPASS and additive and target.key.endswith(".weight") and supports_bypass(module, target.offset):
+            name = f"{module_path}.forward"
+            patcher.add_object_patch(name, BypassForward(module, terms, target.offset,
+                                                         inner=patcher.object_patches.get(name)))
+            bypassed += 1
+        else:
+            merged_instead += mode == BYPASS
+            weight_patches[_patch_key(target)] = WorkbenchWeightPatch(terms)
+    if weight_patches:
+        patcher.add_patches(weight_patches, 1.0)
+    for target, core_name, tensors, strength in foreign:
+        loaded = comfy.lora.load_lora(tensors, {core_name: _patch_key(target)}, log_missing=False)
+        patcher.add_patches(loaded, strength)
+    return {"merged": len(weight_patches), "bypassed": bypassed, "merged_in_bypass": merged_instead,
+            "core": len(foreign)}
+
+
+def apply_layers(model, clip, layers: dict[Target, list[Term]], foreign: list, mode: str):
+    """Clone MODEL/CLIP and patch the clones. foreign: (target, core name, tensors, strength)."""
+    counts = {}
+    new_model, new_clip = model, clip
+    for component, host in ((MODEL, model), (CLIP, clip)):
+        part = {t: terms for t, terms in layers.items() if t.component == component}
+        part_foreign = [f for f in foreign if f[0].component == component]
+        if host is None or not (part or part_foreign):
+            continue
+        clone = host.clone()
+        patcher = clone if component == MODEL else clone.patcher
+        counts[component] = _patch_patcher(patcher, part, part_foreign, mode)
+        if component == MODEL:
+            new_model = clone
+        else:
+            new_clip = clone
+    return new_model, new_clip, counts

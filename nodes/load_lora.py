@@ -1,0 +1,64 @@
+"""LW_LoadLoRA: load one LoRA file onto MODEL and CLIP and say exactly what matched."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..lora_core import format_report, plan_layers
+from .comfy_bridge import MERGE, MODES, apply_layers, match_on_host
+from .lora_files import file_fingerprint, load_named_lora, lora_names
+from .lw_types import LW_LORA
+
+STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.01)
+
+
+class LoadLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LW_LoadLoRA",
+            display_name="Load LoRA",
+            category="LoRA Workbench/load",
+            description="Loads a LoRA in any common format (kohya, diffusers/PEFT, LyCORIS LoHa/LoKr, DoRA) "
+                        "and reports exactly which layers matched. A LoRA made for another base model is an error.",
+            inputs=[
+                io.Model.Input("model", optional=True, tooltip="The diffusion model to apply the LoRA to."),
+                io.Clip.Input("clip", optional=True, tooltip="The text encoder to apply the LoRA to."),
+                io.Combo.Input("lora_name", options=lora_names(),
+                               tooltip="A .safetensors LoRA from ComfyUI's models/loras folder."),
+                io.Float.Input("strength_model", **STRENGTH,
+                               tooltip="How strongly the LoRA changes the diffusion model; may be negative."),
+                io.Float.Input("strength_clip", **STRENGTH,
+                               tooltip="How strongly the LoRA changes the text encoder; may be negative."),
+                io.Combo.Input("mode", options=MODES, default=MERGE,
+                               tooltip="merge: adds the LoRA into the weights (fastest sampling). bypass: runs it "
+                                       "beside the frozen weights, so changing a strength needs no re-patch."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the LoRA applied."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the LoRA applied."),
+                LW_LORA.Output(display_name="LORA", tooltip="The loaded LoRA, for Stack LoRA or Merge LoRA."),
+                io.String.Output(display_name="report", tooltip="What matched, what did not, trigger words."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name, **kwargs):
+        return file_fingerprint(lora_name)
+
+    @classmethod
+    def execute(cls, lora_name, strength_model, strength_clip, mode, model=None, clip=None):
+        if model is None and clip is None:
+            raise ValueError("Load LoRA: connect a MODEL, a CLIP, or both.")
+        lora = load_named_lora(lora_name)
+        result = match_on_host(lora, model, clip)
+        layers = plan_layers([(result, strength_model, strength_clip)])
+        foreign = [(t, name, tensors, strength_model if t.component == "model" else strength_clip)
+                   for t, (name, tensors) in result.foreign.items()]
+        new_model, new_clip, counts = apply_layers(model, clip, layers, foreign, mode)
+        report = format_report(result, {"model": strength_model, "clip": strength_clip}, mode)
+        for component, c in counts.items():
+            report += (f"\n  {component} patches: {c['merged']} merged, {c['bypassed']} bypass"
+                       + (f" ({c['merged_in_bypass']} merged because DoRA/sliced layers cannot run in bypass)"
+                          if c["merged_in_bypass"] else ""))
+        return io.NodeOutput(new_model, new_clip, lora, report,
+                             ui={"lw_report": [report], "lw_info": [result.to_dict()]})

@@ -1,0 +1,416 @@
+#!/usr/bin/env python3.11
+"""Test/demo host for LoRA Workbench: a real, pinned ComfyUI outside the checkout.
+
+    comfy_host.py [--source GIT] install       install everything, print ComfyUI path + python
+    comfy_host.py [--source GIT] env           print `export COMFYUI_PATH=... LW_PYTHON=...`
+    comfy_host.py [--source GIT] test [ARGS]   install, then `python -m pytest ARGS` (default: tests)
+    comfy_host.py [--source GIT] serve [--port 8188] [MAIN_PY_ARGS]
+                                               install, then run ComfyUI on 127.0.0.1
+
+What `install` does (each step is skipped when its stamp says nothing changed):
+  * ComfyUI v0.8.0 -> <cache>/ComfyUI-v0.8.0, from --source / $LW_COMFYUI_SOURCE (a git URL
+    or a local git dir, bare or not; default: the public GitHub repo). Tag v0.8.0 is used,
+    or the pinned commit when the source lacks the tag.
+  * a Python 3.11 venv at <cache>/venv-py311 with pinned torch and ComfyUI's requirements.
+  * custom_nodes/lora_workbench -> this checkout, custom_nodes/lw_test_fixture -> the test
+    fixture pack (tests/host_fixture/lw_test_fixture) that registers the tiny models.
+  * tiny random-weight models (tests/host_fixture/tiny_models.py) in ComfyUI's models folders.
+
+<cache> is $LW_CACHE_DIR or ${XDG_CACHE_HOME:-~/.cache}/lora-workbench.
+With $COMFYUI_PATH set, that existing install (and $LW_PYTHON or this python) is used as is:
+only the links and tiny models are added to it.
+
+Standard library only: it must run before any venv exists.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+COMFYUI_VERSION = "0.8.0"
+COMFYUI_TAG = "v0.8.0"
+COMFYUI_COMMIT = "fc0cb10bcbee6e73ed3caf34c27f7bde4559a07f"
+DEFAULT_SOURCE = "https://github.com/comfyanonymous/ComfyUI.git"
+# Only the HunyuanVideo text encoder needs this blob; some mirrors lack it.
+OPTIONAL_BLOB = "comfy/text_encoders/llama_tokenizer/tokenizer.json"
+
+PYTHON_VERSION = (3, 11)
+# Repeated on every pip line so the resolver never swaps torch (CPU-only hosts included).
+TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
+SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
+EXTRA_REQUIREMENTS = ("requests", "pytest")
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+FIXTURE_PACK = CHECKOUT / "tests" / "host_fixture" / "lw_test_fixture"
+TINY_MODELS_SCRIPT = CHECKOUT / "tests" / "host_fixture" / "tiny_models.py"
+PACK_LINK_NAME = "lora_workbench"
+FIXTURE_LINK_NAME = "lw_test_fixture"
+
+INSTALL_STAMP = ".lw_install.json"
+VENV_STAMP = ".lw_requirements.sha256"
+MODELS_STAMP = ".lw_tiny_models.json"
+
+
+class HostError(Exception):
+    """A problem the user has to fix; printed without a traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    comfyui: Path   # ComfyUI root (has main.py)
+    python: Path    # interpreter that can run it
+    managed: bool   # True when this script installed it (in the cache)
+
+
+def log(msg: str) -> None:
+    # stdout is reserved for results (`env` output is eval'ed by shells).
+    print(f"[comfy_host] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LW_CACHE_DIR"):
+        return Path(os.environ["LW_CACHE_DIR"]).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser().resolve() / "lora-workbench"
+
+
+def comfyui_dir() -> Path:
+    return cache_dir() / f"ComfyUI-v{COMFYUI_VERSION}"
+
+
+def venv_dir() -> Path:
+    return cache_dir() / "venv-py{}{}".format(*PYTHON_VERSION)
+
+
+def venv_python(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def sha256_bytes(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("check", True)
+    if not kwargs.get("capture_output"):
+        kwargs.setdefault("stdout", sys.stderr)  # tool chatter must not reach `env`'s stdout
+    return subprocess.run([str(c) for c in cmd], **kwargs)
+
+
+@contextlib.contextmanager
+def install_lock():
+    # Serialises concurrent installs (parallel CI jobs, conftest + CLI).
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".install.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- ComfyUI source
+
+def source_help() -> str:
+    return (
+        f"Provide ComfyUI {COMFYUI_TAG} another way:\n"
+        f"  LW_COMFYUI_SOURCE=<local git dir or git URL> (a clone or mirror holding tag "
+        f"{COMFYUI_TAG} or commit {COMFYUI_COMMIT}), or\n"
+        f"  COMFYUI_PATH=<existing ComfyUI install> (with LW_PYTHON=<python that runs it>)."
+    )
+
+
+def local_git_dir(source: str) -> Path | None:
+    """The git dir of a local repository (bare or with a work tree), None for URLs."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return None
+    if (path / ".git").exists():
+        return (path / ".git").resolve()
+    if (path / "HEAD").is_file() and (path / "objects").is_dir():
+        return path.resolve()
+    raise HostError(f"{path} is not a git repository.\n{source_help()}")
+
+
+def git(git_dir: Path, *args, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    return run(["git", f"--git-dir={git_dir}", *args], env=env, **kwargs)
+
+
+def resolve_commit(git_dir: Path, rev: str) -> str | None:
+    out = git(git_dir, "rev-parse", "--verify", "-q", f"{rev}^{{commit}}",
+              check=False, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def pick_revision(git_dir: Path) -> str:
+    """Tag v0.8.0 when present (upstream truth), else the pinned commit."""
+    commit = resolve_commit(git_dir, f"refs/tags/{COMFYUI_TAG}") or resolve_commit(git_dir, COMFYUI_COMMIT)
+    if commit is None:
+        raise HostError(f"{git_dir} has neither tag {COMFYUI_TAG} nor commit {COMFYUI_COMMIT}.\n{source_help()}")
+    if commit != COMFYUI_COMMIT:
+        log(f"note: {COMFYUI_TAG} is {commit} in this source (pinned: {COMFYUI_COMMIT})")
+    return commit
+
+
+def shallow_fetch(url: str, scratch: Path) -> Path:
+    """Fetch just the pinned revision of a remote into a scratch bare repo."""
+    git_dir = scratch / "src.git"
+    run(["git", "init", "-q", "--bare", git_dir])
+    attempts = ([f"+refs/tags/{COMFYUI_TAG}:refs/tags/{COMFYUI_TAG}"], [COMFYUI_COMMIT])
+    errors = []
+    for refspec in attempts:
+        log(f"fetching {refspec[0]} from {url}")
+        out = git(git_dir, "fetch", "-q", "--depth", "1", "--no-tags", url, *refspec,
+                  check=False, capture_output=True, text=True, timeout=900)
+        if out.returncode == 0:
+            return git_dir
+        errors.append(out.stderr.strip().splitlines()[-1:] or ["git fetch failed"])
+    reason = "; ".join(e[0] for e in errors)
+    raise HostError(f"Cannot fetch ComfyUI {COMFYUI_TAG} from {url}: {reason}\n{source_help()}")
+
+
+def archive(git_dir: Path, commit: str, dest: Path) -> None:
+    """Extract the tree of `commit` into dest; retry without the optional blob if it is missing."""
+    for pathspec in ([], ["--", ".", f":(exclude){OPTIONAL_BLOB}"]):
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        tar = subprocess.Popen(["tar", "-x", "-C", str(dest)], stdin=subprocess.PIPE)
+        arch = git(git_dir, "archive", "--format=tar", commit, *pathspec,
+                   stdout=tar.stdin, stderr=subprocess.PIPE, check=False)
+        tar.stdin.close()
+        if tar.wait() == 0 and arch.returncode == 0:
+            if pathspec:
+                log(f"note: source lacks {OPTIONAL_BLOB}; installed without it (HunyuanVideo TE only)")
+            return
+    raise HostError(f"git archive of {commit} from {git_dir} failed:\n{arch.stderr.decode(errors='replace')}")
+
+
+def check_version(root: Path) -> None:
+    text = (root / "comfyui_version.py").read_text(encoding="utf-8")
+    found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", text)
+    if not found or found.group(1) != COMFYUI_VERSION:
+        raise HostError(f"expected ComfyUI {COMFYUI_VERSION}, the source gave {found and found.group(1)}")
+
+
+def install_comfyui(source: str, target: Path) -> None:
+    """Extract ComfyUI into a temp dir beside target, then rename it into place (atomic)."""
+    stamp = target / INSTALL_STAMP
+    if stamp.is_file():
+        return
+    if target.exists():
+        raise HostError(f"{target} exists but was not installed by this script; remove it, "
+                        "or point COMFYUI_PATH at it to use it as is.")
+    log(f"installing ComfyUI {COMFYUI_TAG} into {target} (source: {source})")
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".ComfyUI-tmp-") as scratch:
+        scratch = Path(scratch)
+        git_dir = local_git_dir(source) or shallow_fetch(source, scratch)
+        commit = pick_revision(git_dir)
+        tree = scratch / "tree"
+        archive(git_dir, commit, tree)
+        check_version(tree)
+        (tree / INSTALL_STAMP).write_text(json.dumps(
+            {"version": COMFYUI_VERSION, "commit": commit, "source": source}, indent=1) + "\n")
+        tree.rename(target)
+
+
+# ---------------------------------------------------------------- venv
+
+def base_python() -> str:
+    """A Python 3.11 to create the venv with."""
+    if sys.version_info[:2] == PYTHON_VERSION:
+        return sys.executable
+    name = "python{}.{}".format(*PYTHON_VERSION)
+    found = shutil.which(name)
+    if not found:
+        raise HostError(f"{name} is needed to create the venv and was not found on PATH.")
+    return found
+
+
+def filtered_requirements(requirements_txt: Path) -> list[str]:
+    """ComfyUI's requirements without the torch family (pinned separately)."""
+    kept = []
+    for line in requirements_txt.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        name = re.split(r"[<>=!~;\[\s]", line, maxsplit=1)[0].lower()
+        if line and name not in SKIPPED_REQUIREMENTS:
+            kept.append(line)
+    return kept
+
+
+def ensure_venv(venv: Path, requirements_txt: Path) -> Path:
+    requirements = filtered_requirements(requirements_txt)
+    wanted = sha256_bytes(json.dumps([PYTHON_VERSION, TORCH_PINS, requirements, EXTRA_REQUIREMENTS]).encode())
+    python = venv_python(venv)
+    stamp = venv / VENV_STAMP
+    if python.exists() and stamp.is_file() and stamp.read_text().strip() == wanted:
+        return python
+    if not python.exists():
+        log(f"creating venv {venv}")
+        run([base_python(), "-m", "venv", venv])
+    pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
+    log("pip: torch (several minutes on a fresh venv)")
+    run([*pip, *TORCH_PINS])
+    req_file = venv / "lw-comfyui-requirements.txt"
+    req_file.write_text("\n".join(requirements) + "\n")
+    log("pip: ComfyUI requirements")
+    run([*pip, "-r", req_file, *EXTRA_REQUIREMENTS, *TORCH_PINS])
+    stamp.write_text(wanted + "\n")
+    return python
+
+
+# ---------------------------------------------------------------- links and models
+
+def ensure_link(link: Path, target: Path, managed: bool) -> None:
+    """Point link at target, replacing a stale link (CI runs from fresh clones elsewhere)."""
+    if link.is_symlink():
+        if Path(os.readlink(link)) == target:
+            return
+    elif link.exists():
+        if not managed:
+            log(f"warning: {link} is a real folder, left alone (not this checkout)")
+            return
+        raise HostError(f"{link} is a real folder in the managed install; remove it.")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target, target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def ensure_models(host: Host) -> None:
+    """Generate the tiny models unless the stamp matches tiny_models.py and all files exist."""
+    models = host.comfyui / "models"
+    stamp = models / MODELS_STAMP
+    wanted = sha256_bytes(TINY_MODELS_SCRIPT.read_bytes(), COMFYUI_VERSION.encode())
+    if stamp.is_file():
+        recorded = json.loads(stamp.read_text())
+        if recorded.get("hash") == wanted and all((models / f).is_file() for f in recorded.get("files", [])):
+            return
+    log("generating tiny models")
+    out = run([host.python, TINY_MODELS_SCRIPT, "--comfyui", host.comfyui, "--models-dir", models],
+              stdout=subprocess.PIPE, text=True)
+    files = json.loads(out.stdout.strip().splitlines()[-1])
+    stamp.write_text(json.dumps({"hash": wanted, "files": files}, indent=1) + "\n")
+
+
+def existing_host() -> Host | None:
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        return None
+    root = Path(path).expanduser().resolve()
+    if not (root / "main.py").is_file():
+        raise HostError(f"COMFYUI_PATH={path} has no main.py")
+    python = Path(os.environ.get("LW_PYTHON") or sys.executable)
+    return Host(root, python, managed=False)
+
+
+def install(source: str | None = None) -> Host:
+    """Make the host ready (idempotent, fast when nothing changed) and return it."""
+    with install_lock():
+        host = existing_host()
+        if host is None:
+            source = source or os.environ.get("LW_COMFYUI_SOURCE") or DEFAULT_SOURCE
+            install_comfyui(source, comfyui_dir())
+            python = ensure_venv(venv_dir(), comfyui_dir() / "requirements.txt")
+            host = Host(comfyui_dir(), python, managed=True)
+        custom_nodes = host.comfyui / "custom_nodes"
+        ensure_link(custom_nodes / PACK_LINK_NAME, CHECKOUT, host.managed)
+        ensure_link(custom_nodes / FIXTURE_LINK_NAME, FIXTURE_PACK, host.managed)
+        ensure_models(host)
+    return host
+
+
+# ---------------------------------------------------------------- commands
+
+def host_env(host: Host) -> dict:
+    return {**os.environ, "COMFYUI_PATH": str(host.comfyui), "LW_PYTHON": str(host.python)}
+
+
+def cmd_install(args) -> int:
+    host = install(args.source)
+    print(f"ComfyUI: {host.comfyui}")
+    print(f"python:  {host.python}")
+    return 0
+
+
+def cmd_env(args) -> int:
+    host = install(args.source)
+    print(f"export COMFYUI_PATH={shlex.quote(str(host.comfyui))}")
+    print(f"export LW_PYTHON={shlex.quote(str(host.python))}")
+    return 0
+
+
+def cmd_test(args) -> int:
+    host = install(args.source)
+    pytest_args = args.pytest_args or ["tests"]
+    log(f"{host.python} -m pytest {' '.join(pytest_args)}")
+    code = subprocess.run([str(host.python), "-m", "pytest", *pytest_args],
+                          cwd=CHECKOUT, env=host_env(host)).returncode
+    if code == 5:
+        log("pytest collected no tests: treated as a failure")
+        return 1
+    return code
+
+
+def cmd_serve(args) -> int:
+    host = install(args.source)
+    cmd = [str(host.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(args.port), *args.main_args]
+    print(f"ComfyUI {COMFYUI_VERSION} from {host.comfyui} on http://127.0.0.1:{args.port}/", flush=True)
+    os.chdir(host.comfyui)
+    os.execve(cmd[0], cmd, host_env(host))
+    return 1  # not reached
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", help="git URL or local git dir holding ComfyUI "
+                        f"{COMFYUI_TAG} (default: $LW_COMFYUI_SOURCE or {DEFAULT_SOURCE})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("install", help="install the host, print ComfyUI path and python").set_defaults(func=cmd_install)
+    sub.add_parser("env", help="print shell exports for COMFYUI_PATH and LW_PYTHON").set_defaults(func=cmd_env)
+    test = sub.add_parser("test", help="install, then run pytest (default args: tests)")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    test.set_defaults(func=cmd_test)
+    serve = sub.add_parser("serve", help="install, then run ComfyUI on 127.0.0.1")
+    serve.add_argument("--port", type=int, default=8188)
+    serve.add_argument("main_args", nargs=argparse.REMAINDER, help="extra main.py arguments")
+    serve.set_defaults(func=cmd_serve)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
+    try:
+        code = args.func(args)
+    except HostError as err:
+        log(f"error: {err}")
+        return 2
+    except subprocess.CalledProcessError as err:
+        log(f"error: command failed ({err.returncode}): {' '.join(map(str, err.cmd))}")
+        return 2
+    if args.command == "install":
+        log(f"done in {time.monotonic() - started:.1f} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
