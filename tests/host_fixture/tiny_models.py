@@ -196,20 +196,31 @@ def build_clip_l():
 
 
 def build_sd15_checkpoint() -> dict:
-    import comfy.taesd.taesd
-    import torch
     unet = random_state_dict(build_unet(SD15_UNET, SD15_HEADS), SEED)
     clip = random_state_dict(build_clip_l(), SEED + 1)
     clip.pop("text_projection.weight")  # SD1.5 checkpoints do not carry it
-    vae = random_state_dict(comfy.taesd.taesd.TAESD(latent_channels=4), SEED + 2, gain=math.sqrt(2.0))
-    # As ComfyUI's VAELoader sets them for taesd: SD1.5 latent scale factor, no shift.
-    vae["vae_scale"] = torch.tensor(0.18215)
-    vae["vae_shift"] = torch.tensor(0.0)
+    vae = build_taesd()
     return {
         **with_prefix("model.diffusion_model.", unet),
         **with_prefix("cond_stage_model.transformer.", clip),
         **with_prefix("first_stage_model.", vae),
     }
+
+
+def build_taesd() -> dict:
+    import comfy.taesd.taesd
+    import torch
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=4)
+    sd = random_state_dict(taesd, SEED + 2)
+    # Pixels = the last conv's output, clamped to [0, 1]: centre it so images are grey-ish noise,
+    # not saturated black/white.
+    last = f"taesd_decoder.{len(taesd.taesd_decoder) - 1}"
+    sd[f"{last}.weight"] *= 0.25
+    sd[f"{last}.bias"] += 0.5
+    # As ComfyUI's VAELoader sets them for taesd: SD1.5 latent scale factor, no shift.
+    sd["vae_scale"] = torch.tensor(0.18215)
+    sd["vae_shift"] = torch.tensor(0.0)
+    return sd
 
 
 def build_sdxl_unet() -> dict:

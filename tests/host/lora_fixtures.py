@@ -1,0 +1,64 @@
+"""LoRA files for the tiny host models, named the ways real tools name them."""
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from lora_factory import low_rank_factors
+
+ATTN_SUFFIXES = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
+
+
+def attention_targets(model) -> dict[str, torch.Size]:
+    """UNet attention linear weights of a loaded MODEL: {host key: shape}."""
+    sd = model.model.state_dict()
+    return {k: v.shape for k, v in sd.items() if k.startswith("diffusion_model.") and k.endswith(ATTN_SUFFIXES)}
+
+
+def kohya_name(host_key: str) -> str:
+    return "lora_unet_" + host_key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+
+
+def clip_targets(clip) -> dict[str, torch.Size]:
+    sd = clip.cond_stage_model.state_dict()
+    return {k: v.shape for k, v in sd.items() if ".self_attn." in k and k.endswith("proj.weight")}
+
+
+def clip_kohya_name(host_key: str) -> str:
+    # clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight -> lora_te_text_model_..._q_proj
+    tail = host_key.split("transformer.", 1)[1][:-len(".weight")]
+    return "lora_te_" + tail.replace(".", "_")
+
+
+def kohya_factors(model=None, clip=None, rank=4, seed=0, scale=0.3):
+    shapes = {}
+    if model is not None:
+        shapes |= {kohya_name(k): (s[0], s[1]) for k, s in attention_targets(model).items()}
+    if clip is not None:
+        shapes |= {clip_kohya_name(k): (s[0], s[1]) for k, s in clip_targets(clip).items()}
+    return low_rank_factors(shapes, rank, seed, scale)
+
+
+def save_lora(folder, name: str, sd: dict, metadata: dict | None = None) -> str:
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(str(folder), name), metadata=metadata)
+    return name
+
+
+def patched_weights(patcher) -> dict[str, torch.Tensor]:
+    """Weights as ComfyUI loads them for sampling (through its model management), then unloaded."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([patcher], force_full_load=True)
+    try:
+        return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+    finally:
+        mm.unload_all_models()
+
+
+def max_relative_error(ours: dict, theirs: dict, keys) -> float:
+    worst = 0.0
+    for k in keys:
+        a, b = ours[k].double(), theirs[k].double()
+        worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-12)))
+    return worst
