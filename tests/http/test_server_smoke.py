@@ -1,0 +1,29 @@
+"""Smoke tests of the ComfyUI server subprocess (comfy_server / comfy_http fixtures)."""
+import urllib.parse
+import urllib.request
+
+
+def test_object_info_lists_core_nodes(comfy_http):
+    info = comfy_http.get_json("/object_info")
+    for node in ("KSampler", "CheckpointLoaderSimple", "LoraLoader", "UNETLoader"):
+        assert node in info
+    checkpoints = info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert "lw_tiny_sd15.safetensors" in checkpoints
+
+
+def test_session_loras_dir_is_visible(comfy_http, loras_dir):
+    probe = loras_dir / "lw_http_probe.safetensors"
+    probe.write_bytes(b"")  # the listing only looks at names
+    try:
+        assert "lw_http_probe.safetensors" in comfy_http.get_json("/models/loras")
+    finally:
+        probe.unlink()
+
+
+def test_txt2img_over_http(comfy_http, tiny_txt2img):
+    entry = comfy_http.run_prompt(tiny_txt2img(seed=5, prefix="lw_http"), timeout=120)
+    images = entry["outputs"]["7"]["images"]
+    assert len(images) == 1 and images[0]["filename"].startswith("lw_http")
+    query = urllib.parse.urlencode({k: images[0][k] for k in ("filename", "subfolder", "type")})
+    with urllib.request.urlopen(f"{comfy_http.url}/view?{query}", timeout=30) as response:
+        assert response.read(8) == b"\x89PNG\r\n\x1a\n"
