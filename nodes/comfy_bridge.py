@@ -75,13 +75,25 @@ def _host_keys(module: torch.nn.Module, builder) -> tuple[dict, dict]:
 
 def match_on_host(lora: LoRA, model=None, clip=None, allow_partial: bool = False) -> MatchResult:
     key_map, shapes, connected = {}, {}, set()
-    if model is not None:
-        km, sh = _host_keys(model.model, comfy.lora.model_lora_keys_unet)
-        key_map.update(km), shapes.update(sh), connected.add(MODEL)
-    if clip is not None:
-        km, sh = _host_keys(clip.cond_stage_model, comfy.lora.model_lora_keys_clip)
-        key_map.update(km), shapes.update(sh), connected.add(CLIP)
+    for component, host, module, builder in ((MODEL, model, "model", comfy.lora.model_lora_keys_unet),
+                                             (CLIP, clip, "cond_stage_model", comfy.lora.model_lora_keys_clip)):
+        if host is not None:
+            host_map, host_shapes = _host_keys(getattr(host, module), builder)
+            key_map.update(host_map)
+            shapes.update(host_shapes)
+            connected.add(component)
     return match_lora(lora, key_map, shapes, connected, model_family(model, clip), allow_partial)
+
+
+def base_weight(model, clip, target: Target) -> torch.Tensor:
+    """The unpatched weight of a target (ComfyUI keeps originals in .backup while patched)."""
+    patcher = model if target.component == MODEL else clip.patcher
+    backup = patcher.backup.get(target.key)
+    weight = backup.weight if backup is not None else comfy.utils.get_attr(patcher.model, target.key)
+    if target.offset is not None:
+        dim, start, length = target.offset
+        weight = weight.narrow(dim, start, length)
+    return weight
 
 
 def _patch_key(target: Target):

@@ -56,6 +56,7 @@ EXTRA_REQUIREMENTS = ("requests", "pytest")
 CHECKOUT = Path(__file__).resolve().parent.parent
 FIXTURE_PACK = CHECKOUT / "tests" / "host_fixture" / "lw_test_fixture"
 TINY_MODELS_SCRIPT = CHECKOUT / "tests" / "host_fixture" / "tiny_models.py"
+DEMO_LORA_SCRIPT = CHECKOUT / "tests" / "host_fixture" / "demo_lora.py"
 PACK_LINK_NAME = "lora_workbench"
 FIXTURE_LINK_NAME = "lw_test_fixture"
 
@@ -116,7 +117,7 @@ def run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
 
 @contextlib.contextmanager
 def install_lock():
-    # Serialises concurrent installs (parallel CI jobs, conftest + CLI).
+    """Serialise installs sharing a cache (parallel CI jobs, conftest + CLI)."""
     cache_dir().mkdir(parents=True, exist_ok=True)
     with open(cache_dir() / ".install.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -137,11 +138,17 @@ def source_help() -> str:
     )
 
 
+def is_url(source: str) -> bool:
+    return bool(re.match(r"^[a-z][a-z0-9+.-]*://", source) or re.match(r"^[\w.-]+@[\w.-]+:", source))
+
+
 def local_git_dir(source: str) -> Path | None:
     """The git dir of a local repository (bare or with a work tree), None for URLs."""
+    if is_url(source):
+        return None
     path = Path(source).expanduser()
     if not path.exists():
-        return None
+        raise HostError(f"ComfyUI source {path} does not exist.\n{source_help()}")
     if (path / ".git").exists():
         return (path / ".git").resolve()
     if (path / "HEAD").is_file() and (path / "objects").is_dir():
@@ -182,8 +189,9 @@ def shallow_fetch(url: str, scratch: Path) -> Path:
                   check=False, capture_output=True, text=True, timeout=900)
         if out.returncode == 0:
             return git_dir
-        errors.append(out.stderr.strip().splitlines()[-1:] or ["git fetch failed"])
-    reason = "; ".join(e[0] for e in errors)
+        fatal = [line for line in out.stderr.splitlines() if line.startswith("fatal:")]
+        errors.append((fatal or out.stderr.strip().splitlines() or ["git fetch failed"])[0])
+    reason = "; ".join(dict.fromkeys(errors))  # same cause twice: say it once
     raise HostError(f"Cannot fetch ComfyUI {COMFYUI_TAG} from {url}: {reason}\n{source_help()}")
 
 
@@ -192,7 +200,7 @@ def archive(git_dir: Path, commit: str, dest: Path) -> None:
     for pathspec in ([], ["--", ".", f":(exclude){OPTIONAL_BLOB}"]):
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
-        tar = subprocess.Popen(["tar", "-x", "-C", str(dest)], stdin=subprocess.PIPE)
+        tar = subprocess.Popen(["tar", "-x", "-C", str(dest)], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
         arch = git(git_dir, "archive", "--format=tar", commit, *pathspec,
                    stdout=tar.stdin, stderr=subprocess.PIPE, check=False)
         tar.stdin.close()
@@ -299,7 +307,7 @@ def ensure_models(host: Host) -> None:
     """Generate the tiny models unless the stamp matches tiny_models.py and all files exist."""
     models = host.comfyui / "models"
     stamp = models / MODELS_STAMP
-    wanted = sha256_bytes(TINY_MODELS_SCRIPT.read_bytes(), COMFYUI_VERSION.encode())
+    wanted = sha256_bytes(TINY_MODELS_SCRIPT.read_bytes(), DEMO_LORA_SCRIPT.read_bytes(), COMFYUI_VERSION.encode())
     if stamp.is_file():
         recorded = json.loads(stamp.read_text())
         if recorded.get("hash") == wanted and all((models / f).is_file() for f in recorded.get("files", [])):
@@ -308,6 +316,8 @@ def ensure_models(host: Host) -> None:
     out = run([host.python, TINY_MODELS_SCRIPT, "--comfyui", host.comfyui, "--models-dir", models],
               stdout=subprocess.PIPE, text=True)
     files = json.loads(out.stdout.strip().splitlines()[-1])
+    demo = run([host.python, DEMO_LORA_SCRIPT, "--comfyui", host.comfyui], stdout=subprocess.PIPE, text=True)
+    files.append(os.path.relpath(demo.stdout.strip().splitlines()[-1], models))
     stamp.write_text(json.dumps({"hash": wanted, "files": files}, indent=1) + "\n")
 
 
@@ -406,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except subprocess.CalledProcessError as err:
         log(f"error: command failed ({err.returncode}): {' '.join(map(str, err.cmd))}")
+        return 2
+    except subprocess.TimeoutExpired as err:
+        log(f"error: command timed out after {err.timeout} s: {' '.join(map(str, err.cmd))}\n{source_help()}")
         return 2
     if args.command == "install":
         log(f"done in {time.monotonic() - started:.1f} s")

@@ -8,6 +8,13 @@ Fixtures
   comfy_http     (session) ComfyHTTP client for comfy_server: get_json, post_json, run_prompt.
   loras_dir      (session) temp dir registered as a "loras" folder, in-process and in the server.
   tiny_txt2img   (session) txt2img_prompt(seed=1, ...) -> the tiny SD1.5 txt2img API prompt.
+  host_install   (session) the installed host: .comfyui (Path), .python (Path), .managed.
+  host_dirs      (session) {"loras", "output", "input", "user", "temp"} temp dirs of both hosts.
+
+Getting a node's output, e.g. the KSampler latent of the txt2img prompt:
+    out = comfy_host.run(tiny_txt2img(seed=1))
+    latent = out["5"].output(0)["samples"]          # torch.Tensor [1, 4, 8, 8]
+Tensors made by nodes are inference tensors (nodes run under torch.inference_mode()).
 
 Run through `scripts/comfy_host.py test` (sets COMFYUI_PATH and uses the host venv), or with the
 venv python and COMFYUI_PATH set; without COMFYUI_PATH the host is installed on first use.
@@ -19,7 +26,6 @@ import copy
 import dataclasses
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -138,6 +144,18 @@ class NodeOutput:
         return self.outputs[slot][index]
 
 
+def _validation_message(prompt: dict, reasons: dict, error: dict | None = None) -> str:
+    """One line per failed input, as ComfyUI logs them."""
+    lines = [f"invalid prompt: {(error or {}).get('message', 'node inputs failed validation')}"]
+    if error and error.get("details"):
+        lines.append(error["details"])
+    for node_id, node_reasons in reasons.items():
+        for reason in node_reasons:
+            lines.append(f"  {prompt[node_id]['class_type']} (node {node_id}): "
+                         f"{reason['message']}: {reason.get('details', '')}")
+    return "\n".join(lines)
+
+
 class _ServerStub:
     """The bits of PromptServer that PromptExecutor calls; messages are kept for errors."""
 
@@ -206,7 +224,8 @@ class ComfyHost:
         if outputs is None:
             ok, error, good, node_errors = await self._execution.validate_prompt(prompt_id, prompt, None)
             if not ok or node_errors:
-                raise PromptError(f"invalid prompt: {json.dumps(error or node_errors, indent=1, default=str)}")
+                reasons = {n: info["errors"] for n, info in node_errors.items()}
+                raise PromptError(_validation_message(prompt, reasons, error))
             return good
         unknown = [n for n in outputs if prompt.get(n, {}).get("class_type") not in self.nodes.NODE_CLASS_MAPPINGS]
         if unknown:
@@ -214,9 +233,9 @@ class ComfyHost:
         validated = {}
         for node_id in outputs:
             await self._execution.validate_inputs(prompt_id, prompt, node_id, validated)
-        errors = {n: r[1] for n, r in validated.items() if r[0] is not True and r[1]}
-        if errors:
-            raise PromptError(f"invalid prompt: {json.dumps(errors, indent=1, default=str)}")
+        reasons = {n: r[1] for n, r in validated.items() if r[0] is not True and r[1]}
+        if reasons:
+            raise PromptError(_validation_message(prompt, reasons))
         return list(outputs)
 
     def _execution_error(self) -> str:
@@ -259,8 +278,10 @@ def _import_comfyui(root: Path, dirs: dict):
     folder_paths.add_model_folder_path("loras", str(dirs["loras"]), is_default=True)
 
     import hook_breaker_ac10a0
-    import nodes
     import server
+
+    import nodes  # ComfyUI's nodes.py (its root is sys.path[0]), not this pack's nodes/
+
     # A PromptServer instance, as under main.py: packs may register routes at import.
     loop = asyncio.new_event_loop()
     server.PromptServer(loop)

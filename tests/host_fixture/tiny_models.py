@@ -10,12 +10,15 @@ classes and filled with seeded random weights (no downloads), stored as fp16 saf
       * cond_stage_model.transformer.text_model.*   CLIP-L layout text encoder: hidden 32,
         2 layers, 2 heads, MLP 128, full 49408-token vocabulary (ComfyUI's bundled SD1 tokenizer).
       * first_stage_model.*   TAESD-layout VAE (taesd_encoder/taesd_decoder, 4 latent channels).
-  diffusion_models/lw_tiny_sdxl.safetensors  (~3 MB) SDXL-layout UNet for UNETLoader: adm input
+  diffusion_models/lw_tiny_sdxl.safetensors  (~2.5 MB, 1.2 M params) SDXL-layout UNet for UNETLoader: adm input
       (label_emb, 32-dim pooled + 6x256 size embeddings = 1568), context_dim 64 (= tiny clip_l 32 +
       clip_g 32), linear proj_in/out, no attention at level 0 (like SDXL), 2 heads of 32.
-  diffusion_models/lw_tiny_flux.safetensors  (<1 MB) Flux(dev)-layout DiT for UNETLoader:
+  diffusion_models/lw_tiny_flux.safetensors  (~0.6 MB, 0.28 M params) Flux(dev)-layout DiT for UNETLoader:
       hidden 64, 2 heads (rope axes 8+12+12), 1 double block (fused img_attn.qkv / txt_attn.qkv),
       1 single block (linear1 = fused qkv + mlp), context 32, pooled vector 32, guidance embed.
+
+There is no tiny SDXL or Flux text encoder: feed those models hand-made conditioning
+(SDXL: context [B, 77, 64] + y [B, 1568]; Flux: context [B, T, 32] + y [B, 32] + guidance).
 
 ComfyUI's model detection only knows the real sizes, so `register()` puts LWTinySD15,
 LWTinySDXL and LWTinyFlux (subclasses of the stock supported_models entries) at the front of
