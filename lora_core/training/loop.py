@@ -1,0 +1,142 @@
+"""The training loop: knows nothing of ComfyUI, only a denoiser callable, the noise model and data.
+
+denoise(x_t, sigma, cond) -> predicted x0, where cond is a dict of batched tensors.
+Everything random comes from one seeded generator, so a seed gives the same LoRA bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import LoRAError
+from .objective import NoiseModel, sample_noise, weighted_x0_loss
+from .schedule import lr_factor, make_optimizer
+
+
+class TrainingDiverged(LoRAError):
+    """The loss became NaN or inf; the parameters keep their last finite values."""
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 500
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    seed: int = 0
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 5.0
+    max_grad_norm: float = 1.0
+
+    def validate(self) -> None:
+        checks = [(self.steps >= 1, "steps must be at least 1"),
+                  (self.batch_size >= 1, "batch_size must be at least 1"),
+                  (self.grad_accumulation >= 1, "gradient accumulation must be at least 1"),
+                  (math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning rate must be > 0"),
+                  (0 <= self.warmup_steps <= self.steps, "warmup steps must be between 0 and steps")]
+        for ok, message in checks:
+            if not ok:
+                raise LoRAError(f"Train LoRA: {message}.")
+
+
+@dataclass
+class Sample:
+    latent: torch.Tensor             # [C, H, W] clean latent, as the model sees it
+    cond: dict[str, torch.Tensor]    # per-sample conditioning, each with a leading batch dim of 1
+
+
+@dataclass
+class TrainHooks:
+    on_step: Callable[[int, float, float], None] = lambda step, loss, lr: None   # after each optimizer step
+    should_stop: Callable[[], bool] = lambda: False                              # checked before each step
+    on_checkpoint: Callable[[int], None] = lambda step: None                     # every `every` steps
+    checkpoint_every: int = 0
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    steps_done: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+
+
+def _buckets(samples: list[Sample]) -> list[list[int]]:
+    """Indices of samples grouped by latent shape (aspect-ratio buckets batch together)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(s.latent.shape), []).append(i)
+    return [groups[k] for k in sorted(groups)]
+
+
+def _batch(samples: list[Sample], indices: list[int], device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    latent = torch.stack([samples[i].latent for i in indices]).to(device)
+    keys = samples[indices[0]].cond.keys()
+    cond = {k: torch.cat([samples[i].cond[k] for i in indices]).to(device) for k in keys}
+    return latent, cond
+
+
+def _pick(buckets: list[list[int]], batch_size: int, g: torch.Generator) -> list[int]:
+    sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float64)
+    bucket = buckets[int(torch.multinomial(sizes, 1, generator=g))]
+    order = torch.randperm(len(bucket), generator=g)[: min(batch_size, len(bucket))]
+    return [bucket[int(i)] for i in order]
+
+
+def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parameter], noise_model: NoiseModel,
+          settings: TrainSettings, hooks: TrainHooks | None = None, device="cpu", start_step: int = 0,
+          optimizer_state: dict | None = None, target: Callable | None = None,
+          ) -> tuple[TrainResult, torch.optim.Optimizer]:
+    """Run settings.steps - start_step optimizer steps. `target(x_t, sigma, cond)`, when given, replaces
+    the clean latent as the regression target (distilling a teacher's denoiser)."""
+    settings.validate()
+    hooks = hooks or TrainHooks()
+    if not samples:
+        raise LoRAError("Train LoRA: no training images.")
+    g = torch.Generator().manual_seed(settings.seed + start_step)
+    optimizer = make_optimizer(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    buckets, result, began = _buckets(samples), TrainResult(), time.perf_counter()
+    for step in range(start_step, settings.steps):
+        if hooks.should_stop():
+            result.stopped_early = True
+            break
+        lr = settings.learning_rate * lr_factor(step, settings.steps, settings.lr_schedule, settings.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for _ in range(settings.grad_accumulation):
+            x0, cond = _batch(samples, _pick(buckets, settings.batch_size, g), device)
+            noise = sample_noise(x0, g, settings.noise_offset)
+            sigma = noise_model.sigma_of(torch.rand(x0.shape[0], generator=g, dtype=torch.float64)).float().to(device)
+            x_t = noise_model.add_noise(x0, noise, sigma)
+            if target is not None:
+                with torch.no_grad():
+                    x0 = target(x_t, sigma, cond)
+            loss = weighted_x0_loss(denoise(x_t, sigma, cond), x0, noise_model.loss_weight(sigma, settings.min_snr_gamma))
+            if not torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(f"Train LoRA: the loss became {loss.item()} at step {step + 1}; the LoRA keeps "
+                                       "its last finite weights. Lower the learning rate or check the images.")
+            (loss / settings.grad_accumulation).backward()
+            total += loss.item() / settings.grad_accumulation
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(total)
+        result.steps_done = step + 1
+        hooks.on_step(step + 1, total, lr)
+        if hooks.checkpoint_every and (step + 1) % hooks.checkpoint_every == 0 and step + 1 < settings.steps:
+            hooks.on_checkpoint(step + 1)
+    result.seconds = time.perf_counter() - began
+    return result, optimizer

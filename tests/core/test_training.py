@@ -1,0 +1,188 @@
+"""lora_core.training alone: a toy attention denoiser learns a hidden teacher LoRA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora_core.training import (CheckpointedForward, LoRATrainLayer, Sample, TrainForward, TrainHooks,
+                                TrainingDiverged, TrainSettings, bucket_sizes, fit_image, lr_factor,
+                                nearest_bucket, select_targets, simple_noise_model, train)
+from lora_core.training.objective import EPS, FLOW
+
+
+class ToyDenoiser(torch.nn.Module):
+    """Tokens attend to a text context through to_q/to_k/to_v/to_out linears, like a UNet block."""
+
+    def __init__(self, dim=16, ctx=8, depth=2):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.blocks = torch.nn.ModuleList()
+        for _ in range(depth):
+            block = torch.nn.Module()
+            for name, (o, i) in {"to_q": (dim, dim), "to_k": (dim, ctx), "to_v": (dim, ctx), "to_out": (dim, dim)}.items():
+                lin = torch.nn.Linear(i, o, bias=False)
+                lin.weight.data = torch.randn(o, i, generator=g) / i ** 0.5
+                setattr(block, name, lin)
+            self.blocks.append(block)
+        self.requires_grad_(False)
+
+    def forward(self, x_t, sigma, cond):
+        b, c, h, w = x_t.shape
+        tokens = (x_t / (1 + sigma.view(-1, 1, 1, 1) ** 2) ** 0.5).flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            q, k, v = blk.to_q(tokens), blk.to_k(cond["ctx"]), blk.to_v(cond["ctx"])
+            tokens = tokens + blk.to_out(F.scaled_dot_product_attention(q, k, v))
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _install(model, rank, seed, alpha=None):
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for blk in model.blocks:
+        for name in ("to_q", "to_k", "to_v", "to_out"):
+            lin = getattr(blk, name)
+            layer = LoRATrainLayer(lin.in_features, lin.out_features, rank, alpha or rank, g, name=name)
+            lin.forward = TrainForward(lin, layer)
+            layers.append(layer)
+    return layers
+
+
+def _data(n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [Sample(torch.randn(16, 4, 4, generator=g), {"ctx": torch.randn(1, 5, 8, generator=g)}) for _ in range(n)]
+
+
+def _held_out_error(student, teacher, noise_model, seed=99, n=64):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, 16, 4, 4, generator=g)
+    ctx = torch.randn(n, 5, 8, generator=g)
+    sigma = noise_model.sigma_of(torch.rand(n, generator=g, dtype=torch.float64)).float()
+    x_t = noise_model.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
+    with torch.no_grad():
+        return float((student(x_t, sigma, {"ctx": ctx}) - teacher(x_t, sigma, {"ctx": ctx})).pow(2).mean())
+
+
+def _teacher(seed=5):
+    teacher = ToyDenoiser()
+    layers = _install(teacher, rank=2, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for layer in layers:
+        layer.up.data = torch.randn(layer.up.shape, generator=g) * 0.5
+    return teacher
+
+
+def _recover(prediction, steps=150):
+    noise_model = simple_noise_model(prediction)
+    teacher, student = _teacher(), ToyDenoiser()
+    base_error = _held_out_error(student, teacher, noise_model)
+    layers = _install(student, rank=4, seed=3)
+    params = [p for layer in layers for p in layer.parameters()]
+    settings = TrainSettings(steps=steps, learning_rate=3e-3, batch_size=4, seed=7, min_snr_gamma=5.0,
+                             lr_schedule="constant")
+    result, _ = train(student, _data(), params, noise_model, settings, target=teacher)
+    return base_error, _held_out_error(student, teacher, noise_model), result, layers
+
+
+@pytest.mark.parametrize("prediction", [EPS, FLOW])
+def test_student_recovers_a_hidden_teacher_lora(prediction):
+    base_error, trained_error, result, _ = _recover(prediction, steps=300)
+    assert trained_error <= 0.2 * base_error  # at least 80% of the gap to the teacher closed
+    first, last = sum(result.losses[:10]) / 10, sum(result.losses[-10:]) / 10
+    assert last < 0.5 * first
+
+
+def test_step_zero_is_the_base_model_and_base_gets_no_gradient():
+    model = ToyDenoiser()
+    x, sigma, cond = torch.randn(2, 16, 4, 4), torch.tensor([1.0, 2.0]), {"ctx": torch.randn(2, 5, 8)}
+    before = model(x, sigma, cond)
+    layers = _install(model, rank=4, seed=0)
+    assert torch.equal(model(x, sigma, cond), before)
+    model(x, sigma, cond).sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert all(layer.down.grad is not None for layer in layers)
+
+
+def test_same_seed_same_lora_bit_for_bit():
+    runs = [_recover(EPS, steps=20)[3] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a.up, b.up) and torch.equal(a.down, b.down)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_finite_weights():
+    model = ToyDenoiser()
+    layers = _install(model, rank=2, seed=0)
+    params = [p for layer in layers for p in layer.parameters()]
+    calls = {"n": 0}
+
+    def flaky(x_t, sigma, cond):
+        calls["n"] += 1
+        out = model(x_t, sigma, cond)
+        return out * float("nan") if calls["n"] == 4 else out
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 4"):
+        train(flaky, _data(), params, simple_noise_model(), TrainSettings(steps=10, learning_rate=1e-3))
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_hooks_report_each_step_and_stop_within_one_step():
+    model = ToyDenoiser()
+    layers = _install(model, rank=2, seed=0)
+    seen = []
+    hooks = TrainHooks(on_step=lambda s, loss, lr: seen.append((s, loss, lr)), should_stop=lambda: len(seen) >= 3)
+    result, _ = train(model, _data(), [p for l in layers for p in l.parameters()], simple_noise_model(),
+                      TrainSettings(steps=50, warmup_steps=10, learning_rate=1e-3), hooks)
+    assert result.stopped_early and result.steps_done == 3 and [s for s, _, _ in seen] == [1, 2, 3]
+    assert seen[0][2] == pytest.approx(1e-4)  # warm-up: 1/10 of the base rate at the first step
+
+
+def test_cosine_schedule_with_warmup():
+    assert lr_factor(0, 100, "cosine", 10) == pytest.approx(0.1)
+    assert lr_factor(10, 100, "cosine", 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, "cosine", 10) == pytest.approx(0.5)
+    assert lr_factor(99, 100, "constant", 0) == 1.0
+
+
+def test_rank_larger_than_layer_is_an_error():
+    with pytest.raises(Exception, match="rank 20 does not fit layer 'to_k' \\(16x8\\)"):
+        LoRATrainLayer(8, 16, 20, 20, torch.Generator(), name="to_k")
+
+
+def test_gradient_checkpointing_saves_activation_memory():
+    def saved_bytes(checkpointed):
+        model = ToyDenoiser(dim=64, depth=4)
+        layers = _install(model, rank=4, seed=0)
+        for layer in layers:
+            layer.up.data.normal_()
+        if checkpointed:
+            for blk in model.blocks:
+                blk.forward = CheckpointedForward(blk)
+        total = {"bytes": 0}
+
+        def pack(t):
+            total["bytes"] += t.numel() * t.element_size()
+            return t
+        x = torch.randn(8, 64, 8, 8)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = x
+            tokens = out.flatten(2).transpose(1, 2)
+            ctx = torch.randn(8, 5, 8)
+            for blk in model.blocks:
+                def run(t, blk=blk):
+                    return t + blk.to_out(F.scaled_dot_product_attention(blk.to_q(t), blk.to_k(ctx), blk.to_v(ctx)))
+                tokens = CheckpointedForward(blk, inner=run)(tokens) if checkpointed else run(tokens)
+        tokens.sum().backward()
+        return total["bytes"]
+    plain, checkpointed = saved_bytes(False), saved_bytes(True)
+    assert checkpointed < 0.5 * plain
+
+
+def test_targets_and_buckets():
+    shapes = {"diffusion_model.a.attn1.to_q.weight": (4, 4), "diffusion_model.a.attn1.to_out.0.weight": (4, 4),
+              "diffusion_model.a.ff.net.2.weight": (4, 4), "diffusion_model.a.norm1.weight": (4,),
+              "diffusion_model.double_blocks.0.img_attn.qkv.weight": (12, 4)}
+    assert select_targets(shapes) == ["diffusion_model.a.attn1.to_out.0.weight", "diffusion_model.a.attn1.to_q.weight",
+                                      "diffusion_model.double_blocks.0.img_attn.qkv.weight"]
+    assert "diffusion_model.a.ff.net.2.weight" in select_targets(shapes, "attention + feed-forward")
+    sizes = bucket_sizes(512)
+    assert (512, 512) in sizes and all(w % 64 == 0 and h % 64 == 0 for w, h in sizes)
+    assert nearest_bucket(1024, 512, sizes)[0] > nearest_bucket(1024, 512, sizes)[1]
+    img = torch.rand(300, 200, 3)
+    assert fit_image(img, 128, 192).shape == (192, 128, 3)
