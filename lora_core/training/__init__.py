@@ -1,6 +1,6 @@
 """Training new LoRAs: layers, targets, objective, schedules and the loop (no ComfyUI import)."""
 from .buckets import bucket_sizes, fit_image, nearest_bucket
-from .layers import CheckpointedForward, LoRATrainLayer, TrainForward
+from .layers import CheckpointedForward, CloneInputForward, LoRATrainLayer, TrainForward
 from .loop import Sample, TrainHooks, TrainingDiverged, TrainResult, TrainSettings, train
 from .objective import EPS, FLOW, V_PRED, NoiseModel, simple_noise_model
 from .schedule import OPTIMIZERS, SCHEDULES, lr_factor

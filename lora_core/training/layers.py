@@ -60,6 +60,24 @@ class TrainForward:
         return base + extra
 
 
+class CloneInputForward:
+    """Give a module a private copy of its input while gradients are recorded.
+
+    DiT blocks (Flux) normalise the residual stream and later update it in place (`x += ...`);
+    the norm keeps its input for the backward pass, so it must not be the tensor updated.
+    """
+
+    def __init__(self, module: torch.nn.Module, inner=None):
+        self.module, self.inner = module, inner
+
+    def __call__(self, x: torch.Tensor, *args, **kwargs):
+        if torch.is_grad_enabled():
+            x = x.clone()
+        if self.inner is not None:
+            return self.inner(x, *args, **kwargs)
+        return type(self.module).forward(self.module, x, *args, **kwargs)
+
+
 class CheckpointedForward:
     """Recompute a block in the backward pass instead of keeping its activations (saves memory)."""
 

@@ -1,0 +1,70 @@
+"""LW_TrainLoRA inside a real ComfyUI: the node end to end, its file, and that it really learns."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_fixtures import attention_targets, max_relative_error, patched_weights
+
+SD15 = "lw_tiny_sd15.safetensors"
+
+
+def _train_prompt(name, steps=6, extra=None, captions="a photo of a lighthouse"):
+    inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "images": ["2", 0], "captions": captions,
+              "trigger_word": "lwtest", "output_name": name, "scope": "one style: test stripes", "rank": 4,
+              "alpha": 0.0, "targets": "attention", "steps": steps, "learning_rate": 1e-3, "batch_size": 2,
+              "grad_accumulation": 1, "optimizer": "adamw", "lr_schedule": "cosine", "warmup_steps": 0, "seed": 3,
+              "resolution": 64, "bucketing": True, "noise_offset": 0.05, "min_snr_gamma": 5.0,
+              "gradient_checkpointing": True, "training_dtype": "float32", "save_every": 0, "sample_prompt": "",
+              "sample_every": 0, "resume_from": "None"}
+    inputs.update(extra or {})
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
+        "2": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 4, "color": 0x336699}},
+        "3": {"class_type": "LW_TrainLoRA", "inputs": inputs},
+    }
+
+
+def test_train_node_saves_a_kohya_file_that_core_loads_to_the_same_weights(comfy_host):
+    out = comfy_host.run(_train_prompt("trained/unit_test_lora"), outputs=["3"])["3"]
+    model_out, _, lora, loss_image, _, file_name = (out.output(i) for i in range(6))
+    assert file_name == "trained/unit_test_lora.safetensors"
+    path = comfy_host.loras_dir / file_name
+    assert path.is_file()
+    with safe_open(str(path), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["ss_network_dim"] == "4" and meta["modelspec.trigger_phrase"] == "lwtest"
+    assert meta["lw.scope"] == "one style: test stripes" and meta["ss_base_model_version"] == "sd_v1"
+    provenance = json.loads(meta["lw.provenance"])
+    assert len(provenance["base_model_sha256"]) == 64 and len(provenance["images_sha256"]) == 4
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_up.weight", ".lora_down.weight", ".alpha"))
+               for k in keys)
+    assert len(keys) == 56 * 3
+    assert loss_image.shape[-1] == 3 and out.ui["lw_loss"] and len(out.ui["lw_loss"]) == 6
+    model = comfy_host.nodes.CheckpointLoaderSimple().load_checkpoint(SD15)[0]
+    core_model = comfy_host.nodes.LoraLoaderModelOnly().load_lora_model_only(model, file_name, 1.0)[0]
+    targets = list(attention_targets(model))
+    ours, theirs, base = patched_weights(model_out), patched_weights(core_model), patched_weights(model)
+    assert max_relative_error(ours, theirs, targets) < 1e-5
+    assert max_relative_error(ours, base, targets) > 1e-6  # six steps moved the weights
+
+
+def test_same_seed_same_file_bit_for_bit(comfy_host):
+    comfy_host.run(_train_prompt("det_a", steps=3), outputs=["3"])
+    comfy_host.run(_train_prompt("det_b", steps=3), outputs=["3"])
+    with safe_open(str(comfy_host.loras_dir / "det_a.safetensors"), "pt") as a, \
+            safe_open(str(comfy_host.loras_dir / "det_b.safetensors"), "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"output_name": "../escape"}, "names may not contain '..'"),
+    ({"captions": "one\ntwo\nthree"}, "3 caption lines for 4 images"),
+    ({"rank": 64}, "rank 64 does not fit layer"),
+])
+def test_bad_input_is_a_clear_error(comfy_host, extra, message):
+    from conftest import PromptError
+    with pytest.raises(PromptError, match=message):
+        comfy_host.run(_train_prompt("bad", steps=2, extra=extra), outputs=["3"])
