@@ -1,0 +1,241 @@
+"""The StackLoRA node's three clamp rules, each on by default.
+
+1. Weight range: each LoRA's strength is clipped to [weight_min, weight_max].
+2. Stack budget: when sum_i |w_i| over the enabled LoRAs exceeds the budget, every weight
+   is scaled down by budget / sum (model and clip separately), so their ratios are kept.
+3. Layer cap: on each layer, the combined change ||sum_i s_i dW_i||_F may be at most
+   layer_cap * ||W||_F; a layer over it has all its terms scaled down to exactly the cap.
+
+Rules 1-2 act on the strengths the user typed; rule 3 acts per host layer after planning.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+from . import frobenius
+from .matching import Target
+from .weight_patch import Term, apply_terms
+
+# Why these defaults:
+# Most LoRAs are trained and published for strength 1.0; beyond +-1 they are extrapolated
+# and quickly burn the image, so the range stops there (negative = "the opposite" is allowed).
+DEFAULT_WEIGHT_MIN = -1.0
+DEFAULT_WEIGHT_MAX = 1.0
+# Two LoRAs at about 0.75 each is the usual safe mix; a sum of |w| above 1.5 is where
+# stacks start to over-saturate, so that is the total the stack may spend.
+DEFAULT_BUDGET = 1.5
+# A LoRA layer typically moves its weight by a few percent of ||W||_F; 10% leaves room for
+# strong styles while stopping one layer (e.g. where several LoRAs pile up) from dominating.
+DEFAULT_LAYER_CAP = 0.10
+
+# A DoRA layer's change is not linear in the strengths, so capping it takes a few refinements.
+_NONLINEAR_CAP_STEPS = 8
+_NONLINEAR_CAP_TOL = 1e-6
+
+
+def _finite(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass
+class ClampSettings:
+    weight_min: float = DEFAULT_WEIGHT_MIN
+    weight_max: float = DEFAULT_WEIGHT_MAX
+    budget: float = DEFAULT_BUDGET
+    layer_cap: float = DEFAULT_LAYER_CAP
+    clamp_weights: bool = True
+    use_budget: bool = True
+    use_layer_cap: bool = True
+
+    def validate(self) -> "ClampSettings":
+        """Raise ValueError naming the bad value; only the values of rules that are on are checked."""
+        if self.clamp_weights:
+            for label, value in (("weight_min", self.weight_min), ("weight_max", self.weight_max)):
+                if not _finite(value):
+                    raise ValueError(f"{label} must be a finite number, got {value!r}")
+            if self.weight_min > self.weight_max:
+                raise ValueError(f"weight_min ({self.weight_min:g}) is above weight_max ({self.weight_max:g}); "
+                                 "the allowed range would be empty")
+        if self.use_budget and not (_finite(self.budget) and self.budget > 0):
+            raise ValueError(f"budget must be a finite number above 0, got {self.budget!r}")
+        if self.use_layer_cap and not (_finite(self.layer_cap) and self.layer_cap > 0):
+            raise ValueError(f"layer_cap must be a finite number above 0, got {self.layer_cap!r} "
+                             "(it is a share of ||W||: 0.1 = 10%)")
+        return self
+
+
+@dataclass
+class StackEntry:
+    name: str
+    strength_model: float = 1.0
+    strength_clip: float = 1.0
+    enabled: bool = True
+
+
+@dataclass
+class EffectiveStrength:
+    name: str
+    requested_model: float
+    requested_clip: float
+    effective_model: float
+    effective_clip: float
+    notes: list[str] = field(default_factory=list)
+    enabled: bool = True
+
+
+def clamp_strengths(entries: Sequence[StackEntry], settings: ClampSettings | None = None) -> list[EffectiveStrength]:
+    """Rules 1 and 2 on a stack's strengths; one result per entry, in order, with notes saying why."""
+    settings = (settings or ClampSettings()).validate()
+    rows: list[EffectiveStrength] = []
+    for i, entry in enumerate(entries):
+        for label in ("strength_model", "strength_clip"):
+            value = getattr(entry, label)
+            if not _finite(value):
+                raise ValueError(f"stack row {i + 1} ('{entry.name}'): {label} is {value!r}; "
+                                 "strengths must be finite numbers")
+        row = EffectiveStrength(entry.name, float(entry.strength_model), float(entry.strength_clip), 0.0, 0.0,
+                                enabled=bool(entry.enabled))
+        if not entry.enabled:
+            row.notes.append("disabled: contributes nothing")
+        else:
+            row.effective_model = _clamp_one(row.requested_model, "model", settings, row.notes)
+            row.effective_clip = _clamp_one(row.requested_clip, "clip", settings, row.notes)
+        rows.append(row)
+    if settings.use_budget:
+        # Disabled rows are 0 already, so they neither count against the budget nor get scaled.
+        for part in ("model", "clip"):
+            _fit_budget(rows, part, settings.budget)
+    return rows
+
+
+def _clamp_one(value: float, part: str, settings: ClampSettings, notes: list[str]) -> float:
+    if not settings.clamp_weights:
+        return value
+    clamped = min(max(value, float(settings.weight_min)), float(settings.weight_max))
+    if clamped != value:
+        notes.append(f"{part} strength {value:g} clamped to {clamped:g} "
+                     f"(allowed range [{settings.weight_min:g}, {settings.weight_max:g}])")
+    return clamped
+
+
+def _fit_budget(rows: list[EffectiveStrength], part: str, budget: float) -> None:
+    attr = f"effective_{part}"
+    total = sum(abs(getattr(r, attr)) for r in rows)
+    if total <= budget:
+        return
+    factor = budget / total
+    for r in rows:
+        value = getattr(r, attr)
+        if value != 0.0:
+            setattr(r, attr, value * factor)
+            r.notes.append(f"{part} strength scaled by {factor:.4g} to fit the stack budget: "
+                           f"sum |w| = {total:g} > {budget:g}")
+
+
+# ---------------------------------------------------------------- rule 3: per-layer cap
+
+def layer_change_ratio(weight: torch.Tensor, terms: Sequence[Term]) -> float:
+    """||sum_i s_i dW_i||_F / ||W||_F for `weight` (the target's own slice for fused layers).
+
+    Plain LoRA terms are measured from their factors (see frobenius); LoHa/LoKr/conv terms
+    fall back to a dense delta. A DoRA term's change depends on W, so such layers are
+    measured by applying the terms to an fp32 copy of W. A zero W gives inf (0 if no change).
+    """
+    if not terms:
+        return 0.0
+    rows = int(weight.shape[0])
+    cols = weight.numel() // rows if rows else 0
+    for term in terms:
+        if term.adapter.target_shape_2d() != (rows, cols):
+            raise ValueError(f"a {term.adapter.name} term is {term.adapter.target_shape_2d()} but the weight is "
+                             f"{tuple(weight.shape)}; pass the weight of the layer the terms were planned for")
+    weight_norm = float(torch.linalg.vector_norm(weight, dtype=torch.float32))
+    if _has_dora(terms):
+        w32 = weight.to(torch.float32)
+        change = float(torch.linalg.vector_norm(apply_terms(w32.clone(), list(terms)) - w32))
+    else:
+        change = frobenius.norm(frobenius.factor_terms(terms))
+    if weight_norm == 0.0:
+        return math.inf if change > 0.0 else 0.0
+    return change / weight_norm
+
+
+def _has_dora(terms: Sequence[Term]) -> bool:
+    return any(t.adapter.dora_scale is not None for t in terms)
+
+
+@dataclass(frozen=True)
+class CappedLayer:
+    target: Target
+    ratio_before: float
+    ratio_after: float
+    factor: float  # every term's strength on this layer was multiplied by this
+
+
+# Host weights by Target or by key (whole fused weights are narrowed), or a function of the Target.
+WeightSource = Union[Mapping, Callable[[Target], torch.Tensor]]
+
+
+def host_weight(weights: WeightSource, target: Target) -> torch.Tensor:
+    """The weight a target patches: looked up by Target, else by key; narrowed to the target's slice."""
+    if callable(weights) and not isinstance(weights, Mapping):
+        weight = weights(target)
+    elif target in weights:
+        weight = weights[target]
+    else:
+        weight = weights.get(target.key)
+    if weight is None:
+        raise ValueError(f"no host weight given for layer '{target.key}'"
+                         + (f" (slice {target.offset})" if target.offset else ""))
+    if target.offset is not None:
+        dim, start, length = target.offset
+        if weight.shape[dim] != length:  # the whole fused weight was given: take our slice of it
+            weight = weight.narrow(dim, start, length)
+    return weight
+
+
+def cap_layers(layers: Mapping[Target, Sequence[Term]], weights: WeightSource,
+               cap: float = DEFAULT_LAYER_CAP) -> tuple[dict[Target, list[Term]], list[CappedLayer]]:
+    """Rule 3: scale every term of a layer whose change ratio exceeds `cap` by cap / ratio.
+
+    Layers at or under the cap keep their very Term objects. Layers whose weight is all
+    zeros are left alone: a share of nothing cannot be capped.
+    """
+    if not (_finite(cap) and cap > 0):
+        raise ValueError(f"layer cap must be a finite number above 0, got {cap!r}")
+    new_layers: dict[Target, list[Term]] = {}
+    capped: list[CappedLayer] = []
+    for target, terms in layers.items():
+        new_layers[target] = list(terms)
+        if not terms:
+            continue
+        weight = host_weight(weights, target)
+        before = layer_change_ratio(weight, terms)
+        if not before > cap or math.isinf(before):
+            continue
+        factor = cap / before
+        after = cap  # the change is linear in a common factor on additive terms
+        if _has_dora(terms):
+            after = layer_change_ratio(weight, _scaled(terms, factor))
+            for _ in range(_NONLINEAR_CAP_STEPS):
+                if abs(after - cap) <= _NONLINEAR_CAP_TOL * cap or after == 0.0:
+                    break
+                factor *= cap / after
+                after = layer_change_ratio(weight, _scaled(terms, factor))
+        new_layers[target] = _scaled(terms, factor)
+        capped.append(CappedLayer(target, before, after, factor))
+    return new_layers, capped
+
+
+def _scaled(terms: Sequence[Term], factor: float) -> list[Term]:
+    return [Term(t.adapter, float(t.strength) * factor) for t in terms]

@@ -1,0 +1,100 @@
+"""Frobenius inner products and norms of summed LoRA deltas, from the factors.
+
+For a layer's terms, the combined change is L + X with L = U D, U = [s_1 c_1 B_1, ...]
+(rows x R) and D = [A_1; ...] (R x cols), and X the dense sum of the terms that have no
+low-rank form (LoHa, LoKr, conv LoCon). Then, without ever forming U D:
+
+    <U_a D_a, U_b D_b>_F = trace((U_a^T U_b)(D_b D_a^T)) = sum((U_a^T U_b) * (D_a D_b^T))
+    <U D, X>_F           = sum((U^T X) * D)
+
+The R x R Gram matrices are tiny, so they are taken in fp64: a stack whose terms nearly
+cancel still gets an accurate (and never negative) norm. DoRA terms count by their
+low-rank direction here; their true, weight-dependent change needs the weight
+(see clamping.layer_change_ratio).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .weight_patch import Term
+
+
+@dataclass
+class FactoredDelta:
+    """sum_i s_i delta_i of one term list, kept as (up @ down) + dense; see the module doc."""
+
+    shape: tuple[int, int]
+    up: torch.Tensor | None = None  # [rows, R] fp64, strengths and alpha/rank scales folded in
+    down: torch.Tensor | None = None  # [R, cols] fp64
+    dense: torch.Tensor | None = None  # [rows, cols] fp32, terms without a low-rank form
+
+
+def factor_terms(terms: Sequence[Term]) -> FactoredDelta:
+    """Gather a term list's factors (small copies; no dense matrix unless an adapter needs one)."""
+    if not terms:
+        raise ValueError("factor_terms: the term list is empty; a layer needs at least one term")
+    shape = terms[0].adapter.target_shape_2d()
+    device = _first_device(terms)
+    ups, downs = [], []
+    dense = None
+    for term in terms:
+        this_shape = term.adapter.target_shape_2d()
+        if this_shape != shape:
+            raise ValueError(f"terms of one layer disagree in size: {shape} vs {this_shape} "
+                             f"({term.adapter.name} adapter)")
+        s = float(term.strength)
+        low_rank = term.adapter.low_rank()
+        if low_rank is not None:
+            up, down, scale = low_rank
+            ups.append(up.to(device=device, dtype=torch.float64).flatten(start_dim=1) * (s * float(scale)))
+            downs.append(down.to(device=device, dtype=torch.float64))
+            continue
+        # Dense fallback: LoHa/LoKr/conv have no (up, down) pair to contract.
+        delta = term.adapter.delta(torch.Size(shape), device, torch.float32)
+        dense = delta.mul_(s) if dense is None else dense.add_(delta, alpha=s)
+    out = FactoredDelta(shape=shape, dense=dense)
+    if ups:
+        out.up, out.down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    return out
+
+
+def _first_device(terms: Sequence[Term]) -> torch.device:
+    for term in terms:
+        for t in term.adapter.roles.values():
+            if isinstance(t, torch.Tensor):
+                return t.device
+    return torch.device("cpu")
+
+
+def inner(a: FactoredDelta, b: FactoredDelta) -> float:
+    """<delta_a, delta_b>_F of two factored deltas of the same layer."""
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare deltas of different sizes: {a.shape} vs {b.shape}")
+    device = next((t.device for t in (a.up, a.dense, b.up, b.dense) if t is not None), torch.device("cpu"))
+    au, ad, ax = (None if t is None else t.to(device) for t in (a.up, a.down, a.dense))
+    bu, bd, bx = (None if t is None else t.to(device) for t in (b.up, b.down, b.dense))
+    total = 0.0
+    if au is not None and bu is not None:
+        total += float(((au.T @ bu) * (ad @ bd.T)).sum())
+    if au is not None and bx is not None:
+        total += _low_rank_dot_dense(au, ad, bx)
+    if ax is not None and bu is not None:
+        total += _low_rank_dot_dense(bu, bd, ax)
+    if ax is not None and bx is not None:
+        total += float(torch.sum(ax * bx, dtype=torch.float64))
+    return total
+
+
+def _low_rank_dot_dense(up: torch.Tensor, down: torch.Tensor, dense: torch.Tensor) -> float:
+    # U^T X is R x cols: the one product as large as the dense matrix itself, taken in fp32.
+    return float(((up.to(dense.dtype).T @ dense).to(torch.float64) * down).sum())
+
+
+def norm(a: FactoredDelta) -> float:
+    """||delta||_F; rounding can make the fp64 square a hair negative when terms cancel."""
+    return math.sqrt(max(inner(a, a), 0.0))
+

@@ -1,0 +1,56 @@
+"""LoRA rows shared by Stack LoRA and Merge LoRA: a fixed number of widget rows (so saved
+workflows work without the web extension) plus an optional LORA_STACK from other packs."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .lora_files import file_fingerprint, lora_names
+from .lw_types import LW_LORA
+
+NONE = "None"
+STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.01)
+
+
+def row_inputs(i: int) -> list:
+    return [
+        io.Combo.Input(f"lora_{i}", options=[NONE] + lora_names(), default=NONE, optional=True,
+                       tooltip=f"Row {i}: a LoRA file from models/loras (ignored when LORA {i} is connected)."),
+        LW_LORA.Input(f"lora_{i}_in", optional=True,
+                      tooltip=f"Row {i}: a LoRA from Load/Train/Merge LoRA; used instead of the file."),
+        io.Boolean.Input(f"on_{i}", default=True, optional=True, tooltip=f"Row {i} on or off."),
+        io.Float.Input(f"strength_model_{i}", **STRENGTH, optional=True, tooltip=f"Row {i}: weight on MODEL layers."),
+        io.Float.Input(f"strength_clip_{i}", **STRENGTH, optional=True, tooltip=f"Row {i}: weight on CLIP layers."),
+    ]
+
+
+def all_row_inputs(count: int) -> list:
+    return [inp for i in range(1, count + 1) for inp in row_inputs(i)]
+
+
+def rows_fingerprint(rows: dict, count: int) -> list[str]:
+    return [file_fingerprint(rows[f"lora_{i}"]) for i in range(1, count + 1) if rows.get(f"lora_{i}", NONE) != NONE]
+
+
+def collect_rows(lora_stack, rows: dict, count: int) -> tuple[list, list[str]]:
+    """(label, file name or LoRA, strength_model, strength_clip, enabled, file name or None) per row,
+    incoming LORA_STACK items first; malformed stack items are reported, not fatal."""
+    requested, problems = [], []
+    for n, item in enumerate(lora_stack or [], start=1):
+        try:
+            name, s_model, s_clip = item[0], float(item[1]), float(item[2])
+        except (TypeError, ValueError, IndexError):
+            problems.append(f"SKIPPED stack item {n}: expected (lora_name, strength_model, strength_clip), "
+                            f"got {item!r}")
+            continue
+        if name and name != NONE:
+            requested.append((f"stack {n}", name, s_model, s_clip, True, name))
+    for i in range(1, count + 1):
+        connected = rows.get(f"lora_{i}_in")
+        file_name = rows.get(f"lora_{i}", NONE)
+        if connected is None and file_name in (None, NONE):
+            continue
+        source = connected if connected is not None else file_name
+        requested.append((f"row {i}", source, float(rows.get(f"strength_model_{i}", 1.0)),
+                          float(rows.get(f"strength_clip_{i}", 1.0)), bool(rows.get(f"on_{i}", True)),
+                          None if connected is not None else file_name))
+    return requested, problems

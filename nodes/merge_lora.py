@@ -1,0 +1,99 @@
+"""LW_MergeLoRA: combine LoRAs into one, exactly (concat) or compressed (svd, ties, dare)."""
+from __future__ import annotations
+
+import math
+import os
+
+from comfy_api.latest import io
+
+from ..lora_core import LoRAError, file_sha256, merge_loras
+from ..lora_core.export import build_metadata, save_lora
+from ..lora_core.families import UNKNOWN, guess_family
+from ..lora_core.merging import MergeInput
+from .lora_files import load_named_lora, output_path
+from .lora_rows import all_row_inputs, collect_rows, rows_fingerprint
+from .lw_types import LORA_STACK, LW_LORA
+
+ROWS = 4
+METHODS = ["concat", "svd", "ties", "dare"]
+
+
+class MergeLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LW_MergeLoRA",
+            display_name="Merge LoRA",
+            category="LoRA Workbench/merge",
+            description="Merges weighted LoRAs into one: concat is exact, svd/ties/dare compress to a rank and "
+                        "report the per-layer error.",
+            is_output_node=True,
+            inputs=[
+                LORA_STACK.Input("lora_stack", optional=True, tooltip="LoRAs and weights from Stack LoRA or "
+                                 "another pack; merged first."),
+                io.Combo.Input("method", options=METHODS, default="concat",
+                               tooltip="concat: exact, rank = sum of ranks. svd: best rank-k approximation per "
+                                       "layer. ties: trim, elect sign, disjoint mean. dare: random drop + rescale."),
+                io.Int.Input("target_rank", default=64, min=1, max=1024,
+                             tooltip="Rank of the result for svd/ties/dare (reduced where a layer allows less)."),
+                io.Combo.Input("rank_mode", options=["fixed", "energy"], default="fixed",
+                               tooltip="energy: per layer the smallest rank keeping `energy` of the change."),
+                io.Float.Input("energy", default=0.95, min=0.5, max=1.0, step=0.005,
+                               tooltip="Share of the squared singular values to keep in energy mode."),
+                io.Float.Input("density", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="ties: fraction of entries kept per LoRA. dare: 1 - drop probability."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="dare's random drops; same seed, "
+                             "same file."),
+                io.String.Input("output_name", default="", tooltip="File name under models/loras; empty keeps the "
+                                "result in memory only."),
+                io.String.Input("scope", multiline=True, default="",
+                                tooltip="What the merged adapter owns; stored in the file."),
+                *all_row_inputs(ROWS),
+            ],
+            outputs=[
+                LW_LORA.Output(display_name="LORA", tooltip="The merged LoRA (for Stack LoRA / Load-style use)."),
+                io.String.Output(display_name="file", tooltip="The saved file's name, or empty."),
+                io.String.Output(display_name="report", tooltip="Per-layer relative error, retained energy."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return rows_fingerprint(kwargs, ROWS)
+
+    @classmethod
+    def execute(cls, method, target_rank, rank_mode, energy, density, seed, output_name, scope, lora_stack=None,
+                **rows):
+        name = output_name.strip().removesuffix(".safetensors")
+        path = output_path(name) if name else None  # refuse escaping names before any work
+        requested, problems = collect_rows(lora_stack, rows, ROWS)
+        inputs, parents = [], []
+        for label, source, s_model, s_clip, enabled, file_name in requested:
+            if not enabled:
+                continue
+            if not (math.isfinite(s_model) and math.isfinite(s_clip)):
+                raise LoRAError(f"Merge LoRA: {label} has weight {s_model} / {s_clip}; weights must be finite.")
+            lora = load_named_lora(source) if isinstance(source, str) else source
+            inputs.append(MergeInput(lora, s_model, s_clip))
+            sha = lora.sha256 or (file_sha256(lora.source_path) if lora.source_path else None)
+            parents.append({"name": lora.name, "sha256": sha, "weight": s_model, "clip_weight": s_clip})
+        if not inputs:
+            raise LoRAError("Merge LoRA: no LoRAs to merge; pick files in the rows, connect LoRAs, or a LORA_STACK.")
+        merged, report = merge_loras(inputs, method=method, target_rank=target_rank, rank_mode=rank_mode,
+                                     energy=energy, density=density, seed=seed, name=name or "merged")
+        text = "\n".join(problems + [report.to_text()])
+        file_name = ""
+        if path:
+            family = guess_family(list(merged.adapters), {})
+            families = {guess_family(list(i.lora.adapters), i.lora.metadata) for i in inputs} - {UNKNOWN}
+            family = families.pop() if len(families) == 1 else family
+            provenance = {"parents": parents, "method": method, "settings": {
+                "target_rank": target_rank, "rank_mode": rank_mode, "energy": energy, "density": density,
+                "seed": seed}, "report": report.to_dict()}
+            meta = build_metadata(title=name, base_family=family, rank=report.max_rank, alpha=report.max_rank,
+                                  scope=scope, provenance=provenance)
+            save_lora(path, merged, meta)
+            merged.metadata = meta
+            file_name = os.path.relpath(path, os.path.dirname(output_path("x")))
+            text += f"\nsaved: {file_name}"
+        return io.NodeOutput(merged, file_name, text, ui={"lw_report": [text], "lw_merge": [report.summary()]})

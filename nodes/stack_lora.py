@@ -1,0 +1,152 @@
+"""LW_StackLoRA: apply several LoRAs at once, clamped so they do not fight."""
+from __future__ import annotations
+
+import logging
+import math
+
+from comfy_api.latest import io
+
+from ..lora_core import LoRAError
+from ..lora_core.clamping import (DEFAULT_BUDGET, DEFAULT_LAYER_CAP, DEFAULT_WEIGHT_MAX, DEFAULT_WEIGHT_MIN,
+                                  ClampSettings, StackEntry, cap_layers, clamp_strengths)
+from ..lora_core.heatmap import render_heatmap
+from ..lora_core.interference import block_table, by_lora, decorrelate, pair_cosines, plan_named, top_overlaps
+from .comfy_bridge import MERGE, MODES, apply_layers, base_weight, match_on_host
+from .lora_files import load_named_lora
+from .lora_rows import all_row_inputs, collect_rows, rows_fingerprint
+from .lw_types import LORA_STACK
+
+ROWS = 6  # fixed rows keep saved workflows working without the web extension
+
+
+class StackLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="LW_StackLoRA",
+            display_name="Stack LoRA",
+            category="LoRA Workbench/stack",
+            description="Applies several LoRAs at once with weight clamping (per-LoRA range, stack budget, "
+                        "per-layer change cap) and shows where they interfere.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to apply the stack to."),
+                io.Clip.Input("clip", optional=True, tooltip="The text encoder to apply the stack to."),
+                LORA_STACK.Input("lora_stack", optional=True,
+                                 tooltip="A LORA_STACK from another pack (efficiency, Comfyroll); applied first."),
+                io.Combo.Input("mode", options=MODES, default=MERGE,
+                               tooltip="merge: into the weights. bypass: beside them; strength changes are instant."),
+                io.Boolean.Input("clamp_weights", default=True,
+                                 tooltip="Clamp each LoRA's strength to [weight_min, weight_max]."),
+                io.Float.Input("weight_min", default=DEFAULT_WEIGHT_MIN, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Lowest strength a LoRA may have."),
+                io.Float.Input("weight_max", default=DEFAULT_WEIGHT_MAX, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Highest strength a LoRA may have."),
+                io.Boolean.Input("use_budget", default=True,
+                                 tooltip="Scale all strengths down together when their absolute sum exceeds budget."),
+                io.Float.Input("budget", default=DEFAULT_BUDGET, min=0.01, max=20.0, step=0.05,
+                               tooltip="Largest sum of |strength| over the stack (per MODEL and CLIP)."),
+                io.Boolean.Input("use_layer_cap", default=True,
+                                 tooltip="Limit how far the stack may move any one layer's weights."),
+                io.Float.Input("layer_cap", default=DEFAULT_LAYER_CAP, min=0.001, max=10.0, step=0.01,
+                               tooltip="Largest ||combined change|| / ||weight|| per layer (0.10 = 10%)."),
+                io.Boolean.Input("decorrelate", default=False,
+                                 tooltip="Scale down LoRAs layer by layer where they push the same direction: each "
+                                         "LoRA's strength is divided by 1 + the sum of its positive cosines."),
+                *all_row_inputs(ROWS),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the clamped stack applied."),
+                io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the clamped stack applied."),
+                LORA_STACK.Output(display_name="LORA_STACK",
+                                  tooltip="File rows with their effective strengths, for other packs."),
+                io.String.Output(display_name="report", tooltip="Requested vs effective strengths, capped "
+                                                                "layers, most-overlapping LoRA pairs."),
+                io.Image.Output(display_name="interference", tooltip="Heatmap: LoRA pairs x blocks, cosine of "
+                                                                     "their weight changes."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return rows_fingerprint(kwargs, ROWS)
+
+    @classmethod
+    def execute(cls, model, mode, clamp_weights, weight_min, weight_max, use_budget, budget, use_layer_cap,
+                layer_cap, decorrelate, clip=None, lora_stack=None, **rows):
+        settings = ClampSettings(weight_min, weight_max, budget, layer_cap, clamp_weights=clamp_weights,
+                                 use_budget=use_budget, use_layer_cap=use_layer_cap)
+        settings.validate()
+        requested, problems = collect_rows(lora_stack, rows, ROWS)
+        loaded, entries = _load_rows(requested, model, clip, problems)
+        effective = clamp_strengths(entries, settings)
+        applied = [(e.name, match, e.effective_model, e.effective_clip)
+                   for (match, _), e in zip(loaded, effective) if match is not None]
+        layers, names = plan_named(applied)
+        overlaps = pair_cosines(by_lora(layers, names))
+        decorrelated = []
+        if decorrelate and layers:
+            layers, decorrelated = decorrelate_layers(layers, names, overlaps)
+        capped = []
+        if use_layer_cap and layers:
+            layers, capped = cap_layers(layers, lambda t: base_weight(model, clip, t), layer_cap)
+        foreign = [(t, core_name, tensors, strength_model if t.component == "model" else strength_clip)
+                   for _, match, strength_model, strength_clip in applied
+                   for t, (core_name, tensors) in match.foreign.items()]
+        new_model, new_clip, counts = (model, clip, {})
+        if layers or foreign:
+            new_model, new_clip, counts = apply_layers(model, clip, layers, foreign, mode)
+
+        stack_out = [(file_name, e.effective_model, e.effective_clip)
+                     for (_, file_name), e in zip(loaded, effective) if file_name and e.enabled]
+        report = _report(effective, problems, capped, overlaps, decorrelated, counts, mode)
+        heatmap = render_heatmap(*block_table(overlaps))
+        return io.NodeOutput(new_model, new_clip, stack_out, report, heatmap,
+                             ui={"lw_report": [report],
+                                 "lw_effective": [[e.name, e.requested_model, e.effective_model,
+                                                   e.requested_clip, e.effective_clip] for e in effective]})
+
+
+decorrelate_layers = decorrelate  # the node's boolean input shadows the function's name inside execute
+
+
+def _load_rows(requested, model, clip, problems: list[str]) -> tuple[list, list[StackEntry]]:
+    """Match each row on the host; a bad row is skipped and reported, the rest still apply."""
+    loaded, entries = [], []
+    for label, source, s_model, s_clip, enabled, file_name in requested:
+        try:
+            if not (math.isfinite(s_model) and math.isfinite(s_clip)):
+                raise LoRAError(f"strengths must be finite numbers, got {s_model} / {s_clip}")
+            lora = load_named_lora(source) if isinstance(source, str) else source
+            match = match_on_host(lora, model, clip) if enabled else None
+        except (LoRAError, OSError) as e:
+            problems.append(f"SKIPPED {label}: {e}")
+            logging.warning("Stack LoRA: skipped %s: %s", label, e)
+            continue
+        loaded.append((match, file_name))
+        entries.append(StackEntry(f"{label}: {lora.name}", s_model, s_clip, enabled))
+    return loaded, entries
+
+
+def _report(effective, problems, capped, overlaps, decorrelated, counts, mode) -> str:
+    lines = [f"Stack LoRA ({mode})"]
+    for e in effective:
+        state = " (off)" if not e.enabled else ""
+        lines.append(f"  {e.name}: model {e.requested_model:g} -> {e.effective_model:.4g}, "
+                     f"clip {e.requested_clip:g} -> {e.effective_clip:.4g}{state}"
+                     + (f"; {'; '.join(e.notes)}" if e.notes else ""))
+    if not any(e.enabled for e in effective):
+        lines.append("  no LoRA is on: the model passes through unchanged")
+    lines += [f"  {p}" for p in problems]
+    if capped:
+        lines.append(f"  layer cap touched {len(capped)} layers (change / weight, before -> after):")
+        for c in sorted(capped, key=lambda c: -c.ratio_before)[:15]:
+            lines.append(f"    {c.target.key}: {c.ratio_before:.4f} -> {c.ratio_after:.4f}")
+    top = top_overlaps(overlaps, 5)
+    if top:
+        lines.append("  most-overlapping layers (cosine of the two LoRAs' changes):")
+        lines += [f"    {o.lora_a} x {o.lora_b} @ {o.target.key}: {o.cosine:+.3f}" for o in top]
+    if decorrelated:
+        lines.append(f"  decorrelate scaled {len(decorrelated)} LoRA-layer pairs down")
+    for component, c in counts.items():
+        lines.append(f"  {component} patches: {c['merged']} merged, {c['bypassed']} bypass")
+    return "\n".join(lines)

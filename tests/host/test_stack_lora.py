@@ -1,0 +1,138 @@
+"""LW_StackLoRA in a real ComfyUI: clamping parity with core, bypass, LORA_STACK, bad rows, instant strengths."""
+import pytest
+import torch
+
+from lora_factory import lora_state_dict
+from lora_fixtures import attention_targets, kohya_factors, max_relative_error, patched_weights, save_lora
+
+SD15 = "lw_tiny_sd15.safetensors"
+ROW_DEFAULTS = {"mode": "merge", "clamp_weights": True, "weight_min": -1.0, "weight_max": 1.0, "use_budget": True,
+                "budget": 1.5, "use_layer_cap": False, "layer_cap": 0.1, "decorrelate": False}
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy_host):
+    return comfy_host.nodes.CheckpointLoaderSimple().load_checkpoint(SD15)[:2]
+
+
+@pytest.fixture(scope="module")
+def three_loras(comfy_host, sd15):
+    model, clip = sd15
+    return [save_lora(comfy_host.loras_dir, f"stack_{i}.safetensors",
+                      lora_state_dict(kohya_factors(model, clip, rank=4, seed=40 + i, scale=0.3), alpha=4.0))
+            for i in range(3)]
+
+
+def _rows(names_strengths):
+    rows = {}
+    for i, (name, s_model, s_clip, on) in enumerate(names_strengths, start=1):
+        rows |= {f"lora_{i}": name, f"on_{i}": on, f"strength_model_{i}": s_model, f"strength_clip_{i}": s_clip}
+    return rows
+
+
+def stack(comfy_host, model, clip, rows, **settings):
+    node = comfy_host.pack.nodes.stack_lora.StackLoRA
+    return node.execute(model=model, clip=clip, **(ROW_DEFAULTS | settings), **rows).args
+
+
+def test_merge_stack_equals_core_loaders_at_the_clamped_strengths(comfy_host, sd15, three_loras):
+    model, clip = sd15
+    requested = [(three_loras[0], 0.9, 0.5, True), (three_loras[1], 1.4, 0.5, True), (three_loras[2], -0.6, 0.5, True)]
+    m, c, stack_out, report, heatmap = stack(comfy_host, model, clip, _rows(requested))
+    # rule 1: 1.4 -> 1.0; rule 2: |0.9| + |1.0| + |-0.6| = 2.5 > 1.5 -> all x 0.6; clip 1.5 = budget: unchanged
+    expected = [0.9 * 0.6, 1.0 * 0.6, -0.6 * 0.6]
+    assert [round(s[1], 6) for s in stack_out] == pytest.approx(expected)
+    assert [s[2] for s in stack_out] == pytest.approx([0.5, 0.5, 0.5])
+    cm, cc = model, clip
+    for name, s_model in zip(three_loras, expected):
+        cm, cc = comfy_host.nodes.LoraLoader().load_lora(cm, cc, name, s_model, 0.5)
+    keys = list(attention_targets(model))
+    assert max_relative_error(patched_weights(m), patched_weights(cm), keys) < 1e-5
+    assert "row 2: stack_1.safetensors: model 1.4 -> 0.6" in report
+    assert heatmap.shape[0] == 1 and heatmap.shape[-1] == 3 and heatmap.shape[1] > 40
+
+
+def test_bypass_stack_latents_equal_merge_stack(comfy_host, three_loras):
+    latents = {}
+    for mode in ("merge", "bypass"):
+        settings = {k: v for k, v in ROW_DEFAULTS.items()} | {"mode": mode}
+        rows = _rows([(n, 0.5, 0.0, True) for n in three_loras])
+        prompt = _sample_prompt(settings | rows)
+        latents[mode] = comfy_host.run(prompt, outputs=["6"])["6"].output(0)["samples"]
+    diff = (latents["bypass"] - latents["merge"]).abs().max() / latents["merge"].abs().max()
+    assert diff < 1e-5
+
+
+def test_lora_stack_from_other_packs_gives_the_same_model_as_rows(comfy_host, sd15, three_loras):
+    model, clip = sd15
+    efficiency_style = [(three_loras[0], 0.4, 0.3), (three_loras[1], 0.2, 0.1)]  # (name, model, clip) tuples
+    via_stack = stack(comfy_host, model, clip, {}, lora_stack=efficiency_style)
+    via_rows = stack(comfy_host, model, clip, _rows([(n, sm, sc, True) for n, sm, sc in efficiency_style]))
+    keys = list(attention_targets(model))
+    assert max_relative_error(patched_weights(via_stack[0]), patched_weights(via_rows[0]), keys) == 0.0
+    assert via_stack[2] == [(three_loras[0], 0.4, 0.3), (three_loras[1], 0.2, 0.1)]
+
+
+def test_bad_rows_are_skipped_and_reported(comfy_host, sd15, three_loras):
+    model, clip = sd15
+    sdxl_lora = save_lora(comfy_host.loras_dir, "stack_for_sdxl.safetensors", lora_state_dict(
+        {f"lora_unet_input_blocks_7_1_transformer_blocks_{i}_attn1_to_q": (torch.ones(8, 2), torch.ones(2, 8))
+         for i in range(4)}, alpha=2.0), {"ss_base_model_version": "sdxl_base_v1-0"})
+    rows = _rows([("missing.safetensors", 0.5, 0.5, True), (sdxl_lora, 0.5, 0.5, True),
+                  (three_loras[0], float("nan"), 0.5, True), (three_loras[1], 0.5, 0.5, True)])
+    m, _, stack_out, report, _ = stack(comfy_host, model, clip, rows)
+    assert "SKIPPED row 1: LoRA 'missing.safetensors' not found" in report
+    assert "SKIPPED row 2: stack_for_sdxl.safetensors: looks made for SDXL" in report
+    assert "SKIPPED row 3: strengths must be finite numbers, got nan" in report
+    assert stack_out == [(three_loras[1], 0.5, 0.5)]
+    assert max_relative_error(patched_weights(m), patched_weights(model), list(attention_targets(model))) > 1e-4
+
+
+def test_all_rows_off_passes_the_model_through(comfy_host, sd15, three_loras):
+    model, clip = sd15
+    m, c, stack_out, report, _ = stack(comfy_host, model, clip, _rows([(n, 0.5, 0.5, False) for n in three_loras]))
+    assert m is model and c is clip and stack_out == []
+    assert "no LoRA is on: the model passes through unchanged" in report
+
+
+def test_layer_cap_scales_only_the_layers_over_it(comfy_host, sd15, three_loras):
+    model, clip = sd15
+    m, _, _, report, _ = stack(comfy_host, model, clip, _rows([(three_loras[0], 1.0, 0.0, True)]),
+                               use_layer_cap=True, layer_cap=0.05, use_budget=False)
+    assert "layer cap touched" in report and "-> 0.0500" in report
+    base, patched = patched_weights(model), patched_weights(m)
+    for key in attention_targets(model):
+        ratio = float((patched[key] - base[key]).norm() / base[key].norm())
+        assert ratio <= 0.05 * (1 + 1e-4)
+
+
+def _sample_prompt(stack_inputs, seed=3):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
+        "2": {"class_type": "LW_StackLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], **stack_inputs}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["2", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": seed, "steps": 3, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["3", 0], "negative": ["3", 0],
+                                                   "latent_image": ["5", 0], "denoise": 1.0}},
+    }
+
+
+def test_bypass_strength_change_repatches_nothing(comfy_host, three_loras, monkeypatch):
+    import comfy.model_patcher
+    writes = {"n": 0}
+    real = comfy.model_patcher.ModelPatcher.patch_weight_to_device
+
+    def counting(self, key, *args, **kwargs):
+        writes["n"] += 1
+        return real(self, key, *args, **kwargs)
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "patch_weight_to_device", counting)
+    settings = ROW_DEFAULTS | {"mode": "bypass"}
+    first = comfy_host.run(_sample_prompt(settings | _rows([(three_loras[0], 0.3, 0.0, True)])), outputs=["6"])
+    writes["n"] = 0
+    second = comfy_host.run(_sample_prompt(settings | _rows([(three_loras[0], 0.8, 0.0, True)])), outputs=["6"],
+                            keep_cache=True)
+    assert writes["n"] == 0  # no weight was written for the strength change
+    a, b = first["6"].output(0)["samples"], second["6"].output(0)["samples"]
+    assert (a - b).abs().max() > 1e-3  # and the new strength took effect
