@@ -18,7 +18,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 def _refuse_pickle(path: str, head: bytes) -> None:
-    looks_pickled = head[:2] == b"PK" or head[:1] == b"\x80"
+    """Called only for files that are not safetensors: say so kindly if they look like torch.save output."""
+    looks_pickled = head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
     if path.lower().endswith(PICKLE_SUFFIXES) or looks_pickled:
         raise LoRAFileError(
             f"{os.path.basename(path)}: pickle-based checkpoints are refused because loading them can run "
@@ -33,14 +34,18 @@ def read_header(path: str) -> tuple[dict, dict]:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(8)
-            _refuse_pickle(path, head)
-            if len(head) < 8:
-                raise LoRAFileError(f"{name}: file is {size} bytes, too short to be safetensors (truncated?).")
-            (header_len,) = struct.unpack("<Q", head)
+            head = f.read(9)
+            # safetensors: 8 bytes of header length, then a JSON object. Checked before any pickle
+            # sniffing, because a valid length can itself start with the byte pickle starts with.
+            header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
+            if header_len is None or head[8:9] != b"{":
+                _refuse_pickle(path, head)
+                if header_len is None:
+                    raise LoRAFileError(f"{name}: file is {size} bytes, too short to be safetensors (truncated?).")
             if header_len > min(MAX_HEADER_BYTES, size - 8):
                 raise LoRAFileError(f"{name}: header length {header_len} does not fit a {size}-byte file; "
                                     "the file is not safetensors or is truncated. Download it again.")
+            f.seek(8)
             header = json.loads(f.read(header_len))
     except FileNotFoundError as e:
         raise LoRAFileError(f"{name}: file not found at {path}.") from e

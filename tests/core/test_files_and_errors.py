@@ -116,3 +116,14 @@ def test_trigger_words_and_scope_from_metadata():
                       "ss_base_model_version": "sd_v1"})
     assert info.trigger_words == ["sks", "sks dog", "grass"]
     assert info.scope == "one character: the sks dog" and info.base_model == "sd_v1"
+
+
+def test_a_header_length_starting_with_the_pickle_byte_is_still_safetensors(tmp_path):
+    # 0x0280 = 640: the length's first byte is 0x80 and its second a pickle protocol number.
+    for pad in range(0, 800, 4):
+        p = _write(tmp_path / "h.safetensors", {"a.lora_up.weight": torch.ones(2, 2)}, {"pad": "x" * pad})
+        if open(p, "rb").read(2) == b"\x80\x02":
+            break
+    assert open(p, "rb").read(2) == b"\x80\x02"
+    tensors, meta = read_lora_file(p)
+    assert torch.equal(tensors["a.lora_up.weight"], torch.ones(2, 2))
