@@ -68,3 +68,57 @@ def test_bad_input_is_a_clear_error(comfy_host, extra, message):
     from conftest import PromptError
     with pytest.raises(PromptError, match=message):
         comfy_host.run(_train_prompt("bad", steps=2, extra=extra), outputs=["3"])
+
+
+def test_cancel_stops_within_a_step_and_saves_a_partial_file(comfy_host, monkeypatch):
+    import comfy.model_management as mm
+    from server import PromptServer
+    from conftest import PromptError
+    seen = []
+
+    def cancel_at_step_3(event, data, sid=None):
+        if event == "lw.train.progress":
+            seen.append(data["step"])
+            if data["step"] == 3:
+                mm.interrupt_current_processing(True)  # what ComfyUI's cancel button does
+    monkeypatch.setattr(PromptServer.instance, "send_sync", cancel_at_step_3)
+    try:
+        with pytest.raises(PromptError):
+            comfy_host.run(_train_prompt("cancelled", steps=50), outputs=["3"])
+    finally:
+        mm.interrupt_current_processing(False)
+    assert seen == [1, 2, 3]
+    with safe_open(str(comfy_host.loras_dir / "cancelled.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["lw.partial"] == "true" and meta["lw.steps"] == "3"
+
+
+def test_save_every_and_resume_continue_the_same_run(comfy_host):
+    out = comfy_host.run(_train_prompt("resumable", steps=4, extra={"save_every": 2}), outputs=["3"])["3"]
+    assert (comfy_host.loras_dir / "resumable-000002.safetensors").is_file()
+    assert (comfy_host.loras_dir / "resumable.safetensors.lwstate").is_file()
+    resumed = comfy_host.run(_train_prompt("resumed", steps=6, extra={"resume_from": "resumable.safetensors"}),
+                             outputs=["3"])["3"]
+    assert len(resumed.ui["lw_loss"]) == 2  # steps 5 and 6 only
+    with safe_open(str(comfy_host.loras_dir / "resumed.safetensors"), "pt") as f:
+        assert f.metadata()["lw.steps"] == "6"
+
+
+def test_only_lora_parameters_learn(comfy_host):
+    pack = comfy_host.pack
+    with torch.inference_mode():
+        model = comfy_host.nodes.CheckpointLoaderSimple().load_checkpoint(SD15)[0]
+    bridge = pack.nodes.train_bridge
+    with torch.inference_mode(False), torch.enable_grad():
+        trainer, layers = bridge.attach_trainable(model, "attention", 4, 4.0, 0, "kaiming", checkpointing=True)
+        try:
+            bridge.load_for_training(trainer)
+            x = torch.randn(1, 4, 8, 8)
+            cond = {"c_crossattn": torch.randn(1, 77, 32)}
+            bridge.denoiser(trainer)(x, torch.tensor([1.0]), cond).square().mean().backward()
+            base = list(trainer.model.parameters())
+            assert base and all(p.grad is None and not p.requires_grad for p in base)
+            assert all(layer.down.grad is not None for layer in layers.values())
+            assert len(layers) == 56
+        finally:
+            bridge.unload(trainer)
