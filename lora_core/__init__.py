@@ -14,8 +14,7 @@ from .metadata import LoRAInfo, read_info
 from .paths import safe_join
 from .plan import plan_layers
 from .safetensors_io import read_lora_file, write_lora_file
-from .weight_patch import Term, apply_terms, dense_delta
-
 from .version import __version__
+from .weight_patch import Term, apply_terms, dense_delta
 
 __all__ = [name for name in dir() if not name.startswith("_")]

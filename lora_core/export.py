@@ -17,8 +17,8 @@ from .errors import LoRAError
 from .formats import LoRA
 from .keymap import candidate_names
 from .safetensors_io import PICKLE_SUFFIXES, write_lora_file
-
 from .version import __version__ as PACK_VERSION
+
 KOHYA_IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"
 
 # family -> (ss_base_model_version, modelspec architecture, modelspec resolution), as kohya writes them.

@@ -16,9 +16,19 @@ import comfy.utils
 import torch
 from comfy.weight_adapter import WeightAdapterBase
 
-from ..lora_core import (CLIP, MODEL, BypassForward, LoRA, MatchResult, Target, Term, apply_terms, match_lora,
-                         supports_bypass)
-from ..lora_core import families
+from ..lora_core import (
+    CLIP,
+    MODEL,
+    BypassForward,
+    LoRA,
+    MatchResult,
+    Target,
+    Term,
+    apply_terms,
+    families,
+    match_lora,
+    supports_bypass,
+)
 
 MERGE, BYPASS = "merge", "bypass"
 MODES = [MERGE, BYPASS]

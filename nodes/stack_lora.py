@@ -7,8 +7,16 @@ import math
 from comfy_api.latest import io
 
 from ..lora_core import LoRAError
-from ..lora_core.clamping import (DEFAULT_BUDGET, DEFAULT_LAYER_CAP, DEFAULT_WEIGHT_MAX, DEFAULT_WEIGHT_MIN,
-                                  ClampSettings, StackEntry, cap_layers, clamp_strengths)
+from ..lora_core.clamping import (
+    DEFAULT_BUDGET,
+    DEFAULT_LAYER_CAP,
+    DEFAULT_WEIGHT_MAX,
+    DEFAULT_WEIGHT_MIN,
+    ClampSettings,
+    StackEntry,
+    cap_layers,
+    clamp_strengths,
+)
 from ..lora_core.heatmap import render_heatmap
 from ..lora_core.interference import block_table, by_lora, decorrelate, pair_cosines, plan_named, top_overlaps
 from .comfy_bridge import MERGE, MODES, apply_layers, base_weight, match_on_host

@@ -15,10 +15,22 @@ import torch
 
 from ..lora_core import LoRA, LoRAError, LowRankAdapter
 from ..lora_core.export import kohya_prefix
-from ..lora_core.training import (EPS, FLOW, V_PRED, CheckpointedForward, CloneInputForward, LoRATrainLayer, NoiseModel, Sample,
-                                  TrainForward, bucket_sizes, fit_image, nearest_bucket, select_targets)
+from ..lora_core.training import (
+    EPS,
+    FLOW,
+    V_PRED,
+    CheckpointedForward,
+    CloneInputForward,
+    LoRATrainLayer,
+    NoiseModel,
+    Sample,
+    TrainForward,
+    bucket_sizes,
+    fit_image,
+    nearest_bucket,
+    select_targets,
+)
 from .comfy_bridge import WorkbenchWeightPatch
-
 
 # ---------------------------------------------------------------- data
 
@@ -133,12 +145,19 @@ def differentiable_rope():
 
 
 def _checkpoint_blocks(diffusion_model) -> list[str]:
+    """Modules whose forward is called directly: DiT blocks, and the layers inside each UNet block
+    (ComfyUI's UNet iterates a block's layers itself, so a block-level forward would never run)."""
     names = []
-    for group in ("input_blocks", "output_blocks", "double_blocks", "single_blocks"):
+    for group in ("double_blocks", "single_blocks"):
         blocks = getattr(diffusion_model, group, None)
         names += [f"{group}.{i}" for i in range(len(blocks))] if blocks is not None else []
-    if getattr(diffusion_model, "middle_block", None) is not None:
-        names.append("middle_block")
+    unet_blocks = [f"input_blocks.{i}" for i in range(len(getattr(diffusion_model, "input_blocks", [])))]
+    unet_blocks += [f"output_blocks.{i}" for i in range(len(getattr(diffusion_model, "output_blocks", [])))]
+    unet_blocks += ["middle_block"] if getattr(diffusion_model, "middle_block", None) is not None else []
+    for block in unet_blocks:
+        for j, layer in enumerate(comfy.utils.get_attr(diffusion_model, block)):
+            if any(True for _ in layer.parameters()):
+                names.append(f"{block}.{j}")
     return names
 
 
@@ -161,7 +180,8 @@ def attach_trainable(model, preset: str, rank: int, alpha: float, seed: int, ini
         trainer.add_object_patch(f"{path}.forward", TrainForward(module, layer))
         layers[key] = layer
     for name, module in trainer.model.diffusion_model.named_modules():
-        if isinstance(module, torch.nn.LayerNorm) and (".double_blocks." in f".{name}" or ".single_blocks." in f".{name}"):
+        in_dit_block = ".double_blocks." in f".{name}" or ".single_blocks." in f".{name}"
+        if isinstance(module, torch.nn.LayerNorm) and in_dit_block:
             trainer.add_object_patch(f"diffusion_model.{name}.forward", CloneInputForward(module))
     if checkpointing:
         for name in _checkpoint_blocks(trainer.model.diffusion_model):

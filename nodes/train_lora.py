@@ -13,15 +13,35 @@ from comfy_api.latest import io
 from ..lora_core import LoRAError, plan_layers
 from ..lora_core.export import build_metadata, save_lora
 from ..lora_core.plots import render_loss_curve
-from ..lora_core.training import (ATTENTION, OPTIMIZERS, PRESETS, SCHEDULES, TrainHooks, TrainingDiverged,
-                                  TrainSettings, train)
-from ..lora_core.version import __version__ as PACK_VERSION
+from ..lora_core.training import (
+    ATTENTION,
+    OPTIMIZERS,
+    PRESETS,
+    SCHEDULES,
+    TrainHooks,
+    TrainingDiverged,
+    TrainSettings,
+    train,
+)
 from ..lora_core.training.state_io import STATE_SUFFIX, load_optimizer_state, save_optimizer_state
+from ..lora_core.version import __version__ as PACK_VERSION
 from .comfy_bridge import MERGE, apply_layers, match_on_host, model_family
 from .lora_files import load_named_lora, lora_names, lora_path, output_path
 from .lw_types import LW_LORA
-from .train_bridge import (attach_trainable, denoiser, encode_dataset, image_sha256, layers_to_lora, load_for_training,
-                           load_layers, noise_model_of, prepare_images, split_captions, unload, weights_sha256)
+from .train_bridge import (
+    attach_trainable,
+    denoiser,
+    encode_dataset,
+    image_sha256,
+    layers_to_lora,
+    load_for_training,
+    load_layers,
+    noise_model_of,
+    prepare_images,
+    split_captions,
+    unload,
+    weights_sha256,
+)
 from .train_preview import render_samples, send_progress
 
 NONE = "None"

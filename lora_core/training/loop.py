@@ -122,7 +122,8 @@ def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parame
             if target is not None:
                 with torch.no_grad():
                     x0 = target(x_t, sigma, cond)
-            loss = weighted_x0_loss(denoise(x_t, sigma, cond), x0, noise_model.loss_weight(sigma, settings.min_snr_gamma))
+            weight = noise_model.loss_weight(sigma, settings.min_snr_gamma)
+            loss = weighted_x0_loss(denoise(x_t, sigma, cond), x0, weight)
             if not torch.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 raise TrainingDiverged(f"Train LoRA: the loss became {loss.item()} at step {step + 1}; the LoRA keeps "

@@ -5,8 +5,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_core import (LoRAFileError, UnsafePathError, WrongBaseModelError, match_lora, parse_lora, read_info,
-                       read_lora_file, safe_join, write_lora_file)
+from lora_core import (
+    LoRAFileError,
+    UnsafePathError,
+    WrongBaseModelError,
+    match_lora,
+    parse_lora,
+    read_info,
+    read_lora_file,
+    safe_join,
+    write_lora_file,
+)
 from lora_factory import lora_state_dict, low_rank_factors
 
 

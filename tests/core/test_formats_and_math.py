@@ -4,8 +4,15 @@ import math
 import pytest
 import torch
 
-from lora_core import (BypassForward, LoHaAdapter, LoKrAdapter, LowRankAdapter, Term, apply_terms, dense_delta,
-                       parse_lora)
+from lora_core import (
+    BypassForward,
+    LoHaAdapter,
+    LoKrAdapter,
+    Term,
+    apply_terms,
+    dense_delta,
+    parse_lora,
+)
 from lora_core.keymap import candidate_names, resolve
 from lora_factory import LAYOUTS, lora_state_dict, low_rank_factors
 
@@ -36,7 +43,7 @@ def test_fused_merge_equals_sum_of_dense_deltas_with_negative_strengths():
     w = torch.randn(24, 16, dtype=torch.float64).float()
     loras = [parse_lora(lora_state_dict(low_rank_factors(SHAPES, 4 + i, seed=10 + i), alpha=3.0 + i), f"l{i}")
              for i in range(3)]
-    terms = [Term(l.adapters["lora_unet_a_to_q"], s) for l, s in zip(loras, (0.8, -0.5, 1.3))]
+    terms = [Term(lora.adapters["lora_unet_a_to_q"], s) for lora, s in zip(loras, (0.8, -0.5, 1.3))]
     expected = w.double() + sum(t.strength * t.adapter.delta(w.shape, "cpu").double() for t in terms)
     got = apply_terms(w.clone(), terms)
     rel = (got.double() - expected).norm() / expected.norm()

@@ -6,11 +6,19 @@ import torch
 import torch.nn.functional as F
 
 from lora_core import LoHaAdapter, Target, Term, apply_terms, dense_delta, match_lora, parse_lora, plan_layers
-from lora_core.clamping import (DEFAULT_BUDGET, DEFAULT_LAYER_CAP, DEFAULT_WEIGHT_MAX, DEFAULT_WEIGHT_MIN,
-                                ClampSettings, StackEntry, cap_layers, clamp_strengths, layer_change_ratio)
+from lora_core.clamping import (
+    DEFAULT_BUDGET,
+    DEFAULT_LAYER_CAP,
+    DEFAULT_WEIGHT_MAX,
+    DEFAULT_WEIGHT_MIN,
+    ClampSettings,
+    StackEntry,
+    cap_layers,
+    clamp_strengths,
+    layer_change_ratio,
+)
 from lora_core.heatmap import colour_of, heatmap_layout, render_heatmap
-from lora_core.interference import (block_of, block_table, by_lora, decorrelate, pair_cosines, plan_named,
-                                    top_overlaps)
+from lora_core.interference import block_of, block_table, by_lora, decorrelate, pair_cosines, plan_named, top_overlaps
 from lora_factory import lora_state_dict, low_rank_factors
 
 SHAPES = {"q": (24, 16), "k": (24, 16)}
@@ -114,7 +122,7 @@ def test_settings_of_a_rule_that_is_off_are_not_checked():
 
 def three_terms(layer="q"):
     loras = [make_lora(10 + i, rank=4 + i, alpha=3.0 + i) for i in range(3)]
-    return [Term(l.adapters[layer], s) for l, s in zip(loras, (0.8, -0.5, 1.3))]
+    return [Term(lora.adapters[layer], s) for lora, s in zip(loras, (0.8, -0.5, 1.3))]
 
 
 def test_layer_change_ratio_equals_dense_math():

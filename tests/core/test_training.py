@@ -3,9 +3,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_core.training import (CheckpointedForward, LoRATrainLayer, Sample, TrainForward, TrainHooks,
-                                TrainingDiverged, TrainSettings, bucket_sizes, fit_image, lr_factor,
-                                nearest_bucket, select_targets, simple_noise_model, train)
+from lora_core.training import (
+    CheckpointedForward,
+    LoRATrainLayer,
+    Sample,
+    TrainForward,
+    TrainHooks,
+    TrainingDiverged,
+    TrainSettings,
+    bucket_sizes,
+    fit_image,
+    lr_factor,
+    nearest_bucket,
+    select_targets,
+    simple_noise_model,
+    train,
+)
 from lora_core.training.objective import EPS, FLOW
 
 
@@ -18,7 +31,8 @@ class ToyDenoiser(torch.nn.Module):
         self.blocks = torch.nn.ModuleList()
         for _ in range(depth):
             block = torch.nn.Module()
-            for name, (o, i) in {"to_q": (dim, dim), "to_k": (dim, ctx), "to_v": (dim, ctx), "to_out": (dim, dim)}.items():
+            shapes = {"to_q": (dim, dim), "to_k": (dim, ctx), "to_v": (dim, ctx), "to_out": (dim, dim)}
+            for name, (o, i) in shapes.items():
                 lin = torch.nn.Linear(i, o, bias=False)
                 lin.weight.data = torch.randn(o, i, generator=g) / i ** 0.5
                 setattr(block, name, lin)
@@ -127,7 +141,7 @@ def test_hooks_report_each_step_and_stop_within_one_step():
     layers = _install(model, rank=2, seed=0)
     seen = []
     hooks = TrainHooks(on_step=lambda s, loss, lr: seen.append((s, loss, lr)), should_stop=lambda: len(seen) >= 3)
-    result, _ = train(model, _data(), [p for l in layers for p in l.parameters()], simple_noise_model(),
+    result, _ = train(model, _data(), [p for layer in layers for p in layer.parameters()], simple_noise_model(),
                       TrainSettings(steps=50, warmup_steps=10, learning_rate=1e-3), hooks)
     assert result.stopped_early and result.steps_done == 3 and [s for s, _, _ in seen] == [1, 2, 3]
     assert seen[0][2] == pytest.approx(1e-4)  # warm-up: 1/10 of the base rate at the first step

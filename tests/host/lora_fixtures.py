@@ -62,3 +62,26 @@ def max_relative_error(ours: dict, theirs: dict, keys) -> float:
         a, b = ours[k].double(), theirs[k].double()
         worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-12)))
     return worst
+
+
+SD15 = "lw_tiny_sd15.safetensors"
+
+
+def sampler_prompt(lora_nodes: dict | None = None, seed: int = 3, steps: int = 3, cfg: float = 1.0) -> dict:
+    """Tiny SD1.5 txt2img in API format; KSampler is node "6".
+
+    lora_nodes: extra nodes between the checkpoint ("1") and the sampler; the last one's
+    outputs 0 and 1 must be MODEL and CLIP (name it "2" to be picked up).
+    """
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}}}
+    prompt |= lora_nodes or {}
+    source = "2" if "2" in prompt else "1"
+    return prompt | {
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": [source, 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": [source, 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": "KSampler", "inputs": {"model": [source, 0], "seed": seed, "steps": steps, "cfg": cfg,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["3", 0], "negative": ["4", 0],
+                                                   "latent_image": ["5", 0], "denoise": 1.0}},
+    }

@@ -1,13 +1,19 @@
 """LW_LoadLoRA inside a real ComfyUI: parity with core LoraLoader, errors, restore, bypass."""
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from lora_factory import LAYOUTS, lora_state_dict, low_rank_factors
-from lora_fixtures import (attention_targets, clip_kohya_name, clip_targets, kohya_factors, kohya_name,
-                           max_relative_error, patched_weights, save_lora)
-
-SD15 = "lw_tiny_sd15.safetensors"
+from lora_fixtures import (
+    SD15,
+    attention_targets,
+    clip_targets,
+    kohya_factors,
+    kohya_name,
+    max_relative_error,
+    patched_weights,
+    sampler_prompt,
+    save_lora,
+)
 
 
 @pytest.fixture(scope="module")
@@ -186,20 +192,10 @@ def test_shared_model_untouched_and_100_cycles_restore_bit_exactly(comfy_host, s
 
 
 def _sample_prompt(lora_name, strength, mode, seed=3, strength_clip=None):
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
-        "2": {"class_type": "LW_LoadLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name,
-                                                      "strength_model": strength,
-                                                      "strength_clip": strength if strength_clip is None else strength_clip,
-                                                      "mode": mode}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["2", 1]}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": seed, "steps": 3, "cfg": 3.0,
-                                                   "sampler_name": "euler", "scheduler": "normal",
-                                                   "positive": ["3", 0], "negative": ["4", 0],
-                                                   "latent_image": ["5", 0], "denoise": 1.0}},
-    }
+    load = {"class_type": "LW_LoadLoRA", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name, "strength_model": strength,
+        "strength_clip": strength if strength_clip is None else strength_clip, "mode": mode}}
+    return sampler_prompt({"2": load}, seed=seed, cfg=3.0)
 
 
 def test_bypass_latents_equal_merge_latents(comfy_host, sd15):
@@ -218,3 +214,33 @@ def test_bypass_latents_equal_merge_latents(comfy_host, sd15):
     # The random tiny UNet's latents reach |x| ~ 350, so compare relative to their scale
     # (seen: 1.2e-3 absolute, 3.4e-6 relative, fp32 summation order).
     assert (bypass - merge).abs().max() / merge.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["merge", "bypass"])
+def test_offloaded_lowvram_model_gives_the_same_output(comfy_host, sd15, load_node, mode):
+    """With weights left offloaded, ComfyUI patches them on the fly through our adapter (or bypass)."""
+    import comfy.model_management as mm
+    model, clip = sd15
+    name = save_lora(comfy_host.loras_dir, "lowvram.safetensors",
+                     lora_state_dict(kohya_factors(model, rank=4, seed=23), alpha=4.0))
+    patched = ours(load_node, name, model, None, s_model=0.9, mode=mode)[0]
+    g = torch.Generator().manual_seed(0)
+    x, sigma, context = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([2.0]), torch.randn(1, 77, 32, generator=g)
+    mm.unload_all_models()
+    mm.load_models_gpu([patched], force_full_load=True)
+    with torch.no_grad():
+        full = patched.model.apply_model(x, sigma, c_crossattn=context)
+    mm.unload_all_models()
+    patched.patch_model(lowvram_model_memory=1)  # nothing fits: every layer is cast and patched per use
+    try:
+        assert patched.model.model_lowvram
+        with torch.no_grad():
+            offloaded = patched.model.apply_model(x, sigma, c_crossattn=context)
+    finally:
+        patched.unpatch_model()
+    with torch.no_grad():
+        mm.load_models_gpu([model], force_full_load=True)
+        base = model.model.apply_model(x, sigma, c_crossattn=context)
+        mm.unload_all_models()
+    assert (full - base).abs().max() > 1e-4
+    assert ((offloaded - full).abs().max() / full.abs().max()) < 1e-5

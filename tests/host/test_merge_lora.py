@@ -6,9 +6,8 @@ import torch
 from safetensors import safe_open
 
 from lora_factory import lora_state_dict
-from lora_fixtures import kohya_factors, save_lora
+from lora_fixtures import SD15, kohya_factors, sampler_prompt, save_lora
 
-SD15 = "lw_tiny_sd15.safetensors"
 WEIGHTS = [0.7, -0.4, 0.5]
 
 
@@ -35,20 +34,14 @@ def _rows(names, weights):
 
 
 def _latent(comfy_host, loras):
-    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}}}
-    model, clip, last = ["1", 0], ["1", 1], 1
-    for i, (name, strength) in enumerate(loras, start=10):
-        prompt[str(i)] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": name,
+    """Latent after core LoraLoaders chained in order (node "2" last, so the sampler uses it)."""
+    chain, model, clip = {}, ["1", 0], ["1", 1]
+    ids = [str(i) for i in range(10, 10 + len(loras) - 1)] + ["2"]
+    for node_id, (name, strength) in zip(ids, loras):
+        chain[node_id] = {"class_type": "LoraLoader", "inputs": {"model": model, "clip": clip, "lora_name": name,
                                                                 "strength_model": strength, "strength_clip": strength}}
-        model, clip = [str(i), 0], [str(i), 1]
-    prompt |= {
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": clip}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {"model": model, "seed": 9, "steps": 3, "cfg": 1.0,
-                                                   "sampler_name": "euler", "scheduler": "normal",
-                                                   "positive": ["3", 0], "negative": ["3", 0],
-                                                   "latent_image": ["5", 0], "denoise": 1.0}}}
-    return comfy_host.run(prompt, outputs=["6"])["6"].output(0)["samples"]
+        model, clip = [node_id, 0], [node_id, 1]
+    return comfy_host.run(sampler_prompt(chain, seed=9), outputs=["6"])["6"].output(0)["samples"]
 
 
 def test_concat_merge_file_in_core_loader_equals_the_weighted_stack(comfy_host, parents):

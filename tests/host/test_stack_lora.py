@@ -3,9 +3,16 @@ import pytest
 import torch
 
 from lora_factory import lora_state_dict
-from lora_fixtures import attention_targets, kohya_factors, max_relative_error, patched_weights, save_lora
+from lora_fixtures import (
+    SD15,
+    attention_targets,
+    kohya_factors,
+    max_relative_error,
+    patched_weights,
+    sampler_prompt,
+    save_lora,
+)
 
-SD15 = "lw_tiny_sd15.safetensors"
 ROW_DEFAULTS = {"mode": "merge", "clamp_weights": True, "weight_min": -1.0, "weight_max": 1.0, "use_budget": True,
                 "budget": 1.5, "use_layer_cap": False, "layer_cap": 0.1, "decorrelate": False}
 
@@ -107,16 +114,8 @@ def test_layer_cap_scales_only_the_layers_over_it(comfy_host, sd15, three_loras)
 
 
 def _sample_prompt(stack_inputs, seed=3):
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": SD15}},
-        "2": {"class_type": "LW_StackLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], **stack_inputs}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox", "clip": ["2", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": seed, "steps": 3, "cfg": 1.0,
-                                                   "sampler_name": "euler", "scheduler": "normal",
-                                                   "positive": ["3", 0], "negative": ["3", 0],
-                                                   "latent_image": ["5", 0], "denoise": 1.0}},
-    }
+    stack_node = {"class_type": "LW_StackLoRA", "inputs": {"model": ["1", 0], "clip": ["1", 1], **stack_inputs}}
+    return sampler_prompt({"2": stack_node}, seed=seed)
 
 
 def test_bypass_strength_change_repatches_nothing(comfy_host, three_loras, monkeypatch):

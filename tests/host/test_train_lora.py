@@ -5,9 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lora_fixtures import attention_targets, max_relative_error, patched_weights
-
-SD15 = "lw_tiny_sd15.safetensors"
+from lora_fixtures import SD15, attention_targets, max_relative_error, patched_weights
 
 
 def _train_prompt(name, steps=6, extra=None, captions="a photo of a lighthouse"):
@@ -73,6 +71,7 @@ def test_bad_input_is_a_clear_error(comfy_host, extra, message):
 def test_cancel_stops_within_a_step_and_saves_a_partial_file(comfy_host, monkeypatch):
     import comfy.model_management as mm
     from server import PromptServer
+
     from conftest import PromptError
     seen = []
 
@@ -94,7 +93,7 @@ def test_cancel_stops_within_a_step_and_saves_a_partial_file(comfy_host, monkeyp
 
 
 def test_save_every_and_resume_continue_the_same_run(comfy_host):
-    out = comfy_host.run(_train_prompt("resumable", steps=4, extra={"save_every": 2}), outputs=["3"])["3"]
+    comfy_host.run(_train_prompt("resumable", steps=4, extra={"save_every": 2}), outputs=["3"])
     assert (comfy_host.loras_dir / "resumable-000002.safetensors").is_file()
     assert (comfy_host.loras_dir / "resumable.safetensors.lwstate").is_file()
     resumed = comfy_host.run(_train_prompt("resumed", steps=6, extra={"resume_from": "resumable.safetensors"}),
@@ -122,3 +121,37 @@ def test_only_lora_parameters_learn(comfy_host):
             assert len(layers) == 56
         finally:
             bridge.unload(trainer)
+
+
+def test_sample_prompt_renders_previews_while_training(comfy_host):
+    out = comfy_host.run(_train_prompt("with_samples", steps=2, extra={"sample_prompt": "lwtest, a lighthouse",
+                                                                      "sample_every": 1}), outputs=["3"])["3"]
+    samples = out.output(4)
+    assert samples.shape == (2, 64, 64, 3) and torch.isfinite(samples).all()
+    assert samples.std() > 0  # a real render, not the empty placeholder
+
+
+def test_gradient_checkpointing_lowers_saved_activation_memory(comfy_host):
+    """Bytes autograd keeps for the backward pass of one training forward, with and without checkpointing."""
+    bridge = comfy_host.pack.nodes.train_bridge
+    with torch.inference_mode():
+        model = comfy_host.nodes.CheckpointLoaderSimple().load_checkpoint(SD15)[0]
+    saved = {}
+    for checkpointing in (False, True):
+        with torch.inference_mode(False), torch.enable_grad():
+            trainer, layers = bridge.attach_trainable(model, "attention", 4, 4.0, 0, "kaiming", checkpointing)
+            try:
+                bridge.load_for_training(trainer)
+                total = {"bytes": 0}
+
+                def pack(t):
+                    total["bytes"] += t.numel() * t.element_size()
+                    return t
+                x = torch.randn(2, 4, 16, 16)
+                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                    out = bridge.denoiser(trainer)(x, torch.tensor([1.0, 3.0]), {"c_crossattn": torch.randn(2, 77, 32)})
+                out.square().mean().backward()
+                saved[checkpointing] = total["bytes"]
+            finally:
+                bridge.unload(trainer)
+    assert saved[True] < 0.5 * saved[False]

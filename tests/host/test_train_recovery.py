@@ -4,11 +4,11 @@ The teacher is a rank-2 LoRA on the same attention linears; the training targets
 teacher's denoiser outputs (ComfyUI's apply_model with the teacher switched in). Errors are
 measured on held-out noise and timesteps against the teacher, relative to the base model's.
 """
-import pytest
 import torch
 import torch.nn.functional as F
 
-SD15 = "lw_tiny_sd15.safetensors"
+from lora_fixtures import SD15
+
 TEACHER = {"on": False}
 
 
