@@ -389,6 +389,70 @@ def cmd_serve(args) -> int:
     return 1  # not reached
 
 
+DEMO_WORKFLOW = CHECKOUT / "example_workflows" / "train_then_stack.json"
+
+
+def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise HostError(f"ComfyUI exited with code {proc.returncode} while starting")
+        try:
+            urllib.request.urlopen(f"{url}/system_stats", timeout=2).read()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise HostError(f"ComfyUI did not answer on {url} within {timeout:.0f} s")
+
+
+def _run_demo_workflow(url: str) -> None:
+    """Queue the train-then-stack example once and report what it produced."""
+    import urllib.request
+    sys.path.insert(0, str(Path(__file__).parent))
+    from workflow_to_prompt import convert, fetch_object_info
+    prompt = convert(json.loads(DEMO_WORKFLOW.read_text()), fetch_object_info(url))
+    request = urllib.request.Request(f"{url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    prompt_id = json.loads(urllib.request.urlopen(request, timeout=60).read())["prompt_id"]
+    log(f"queued {DEMO_WORKFLOW.name} (prompt {prompt_id}); open {url} to watch the loss curve")
+    while True:
+        entry = json.loads(urllib.request.urlopen(f"{url}/history/{prompt_id}", timeout=30).read()).get(prompt_id)
+        status = (entry or {}).get("status", {})
+        if status.get("completed") or status.get("status_str") == "error":
+            break
+        time.sleep(1)
+    if status.get("status_str") == "error":
+        log("the demo workflow failed; see the ComfyUI log above")
+        return
+    images = [img["filename"] for out in entry["outputs"].values() for img in out.get("images", [])]
+    log(f"demo done: {len(images)} images ({', '.join(images[:4])}) in ComfyUI's output folder")
+
+
+def cmd_demo(args) -> int:
+    """The README's first command: host, tiny models, ComfyUI with the pack, the example run once."""
+    host = install(args.source)
+    url = f"http://127.0.0.1:{args.port}"
+    cmd = [str(host.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(args.port)]
+    proc = subprocess.Popen(cmd, cwd=host.comfyui, env=host_env(host))
+    try:
+        _wait_for_server(url, proc)
+        print(f"LoRA Workbench demo: ComfyUI is at {url}/  (Ctrl-C stops it)", flush=True)
+        if not args.no_run:
+            _run_demo_workflow(url)
+        return proc.wait()
+    except KeyboardInterrupt:
+        log("stopping ComfyUI")
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", help="git URL or local git dir holding ComfyUI "
@@ -403,6 +467,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     serve.add_argument("--port", type=int, default=8188)
     serve.add_argument("main_args", nargs=argparse.REMAINDER, help="extra main.py arguments")
     serve.set_defaults(func=cmd_serve)
+    demo = sub.add_parser("demo", help="install, start ComfyUI with the pack, run the train-then-stack example")
+    demo.add_argument("--port", type=int, default=8188)
+    demo.add_argument("--no-run", action="store_true", help="only start ComfyUI; do not queue the example")
+    demo.set_defaults(func=cmd_demo)
     return parser.parse_args(argv)
 
 
