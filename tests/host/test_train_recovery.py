@@ -58,7 +58,7 @@ def _held_out(denoise, noise_model, samples, seed=1234, n=16):
     return float(((student - teacher) ** 2).mean())
 
 
-def _recover(comfy_host, model, samples, steps, lr, teacher_scale):
+def _recover(comfy_host, model, samples, steps, lr, teacher_scale, schedule="constant"):
     pack = comfy_host.pack
     bridge, training = pack.nodes.train_bridge, pack.lora_core.training
     with torch.inference_mode(False), torch.enable_grad():
@@ -71,7 +71,7 @@ def _recover(comfy_host, model, samples, steps, lr, teacher_scale):
             before = _held_out(denoise, noise_model, samples)
             params = [p for layer in layers.values() for p in layer.parameters()]
             settings = training.TrainSettings(steps=steps, learning_rate=lr, batch_size=4, seed=5,
-                                              lr_schedule="constant", min_snr_gamma=5.0)
+                                              lr_schedule=schedule, min_snr_gamma=5.0)
             result, _ = training.train(denoise, samples, params, noise_model, settings, device=device,
                                        target=_teacher(denoise))
             after = _held_out(denoise, noise_model, samples)
@@ -81,6 +81,8 @@ def _recover(comfy_host, model, samples, steps, lr, teacher_scale):
 
 
 def _assert_learned(before, after, losses):
+    print(f"held-out error vs teacher: base {before:.4g}, trained {after:.4g} ({1 - after / before:.1%} recovered); "
+          f"loss first {losses[0]:.4g}, last {losses[-1]:.4g}")
     assert after <= 0.2 * before, f"student error {after:.4g} vs base {before:.4g}: less than 80% recovered"
     k = max(1, len(losses) // 10)
     assert sum(losses[-k:]) / k < 0.5 * sum(losses[:k]) / k
@@ -99,7 +101,7 @@ def test_sd15_epsilon_model_recovers_the_teacher(comfy_host):
             latent = torch.randn(4, 8, 8, generator=g)
             samples.append(pack.lora_core.training.Sample(
                 latent, pack.nodes.train_bridge.model_conds(model, cond.clone(), pooled, latent)))
-    before, after, losses, prediction = _recover(comfy_host, model, samples, steps=120, lr=5e-3, teacher_scale=0.3)
+    before, after, losses, prediction = _recover(comfy_host, model, samples, steps=160, lr=5e-3, teacher_scale=0.3)
     assert prediction == "eps"
     _assert_learned(before, after, losses)
 
@@ -115,6 +117,7 @@ def test_flux_flow_matching_model_recovers_the_teacher(comfy_host):
         pooled = torch.randn(1, 32, generator=g)
         samples.append(pack.lora_core.training.Sample(latent, pack.nodes.train_bridge.model_conds(model, cross,
                                                                                                    pooled, latent)))
-    before, after, losses, prediction = _recover(comfy_host, model, samples, steps=300, lr=1e-2, teacher_scale=0.3)
+    before, after, losses, prediction = _recover(comfy_host, model, samples, steps=300, lr=1e-2, teacher_scale=0.3,
+                                                  schedule="cosine")
     assert prediction == "flow"
     _assert_learned(before, after, losses)
