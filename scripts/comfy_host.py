@@ -317,7 +317,7 @@ def ensure_models(host: Host) -> None:
               stdout=subprocess.PIPE, text=True)
     files = json.loads(out.stdout.strip().splitlines()[-1])
     demo = run([host.python, DEMO_LORA_SCRIPT, "--comfyui", host.comfyui], stdout=subprocess.PIPE, text=True)
-    files.append(os.path.relpath(demo.stdout.strip().splitlines()[-1], models))
+    files += [os.path.relpath(path, models) for path in json.loads(demo.stdout.strip().splitlines()[-1])]
     stamp.write_text(json.dumps({"hash": wanted, "files": files}, indent=1) + "\n")
 
 

@@ -13,8 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-NAME = "lw_demo_style.safetensors"
-SEED = 77
+# (file, seed, trigger word): the style the demo trains beside, and three for the stack/merge examples.
+DEMO_LORAS = [("lw_demo_style.safetensors", 77, "lwstyle"), ("lw_demo_a.safetensors", 101, "lwdemoa"),
+              ("lw_demo_b.safetensors", 102, "lwdemob"), ("lw_demo_c.safetensors", 103, "lwdemoc")]
 ATTENTION = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight", "_proj.weight")
 
 
@@ -27,25 +28,25 @@ def _kohya_name(key: str) -> str | None:
     return None
 
 
-def make_demo_lora(checkpoint: Path, out_dir: Path, rank: int = 4) -> Path:
-    g = torch.Generator().manual_seed(SEED)
+def make_demo_lora(checkpoint: Path, out_dir: Path, name: str, seed: int, trigger: str, rank: int = 4) -> Path:
+    g = torch.Generator().manual_seed(seed)
     tensors = {}
     with safe_open(str(checkpoint), "pt") as f:
         for key in sorted(f.keys()):
-            name = _kohya_name(key)
-            if name is None:
+            module = _kohya_name(key)
+            if module is None:
                 continue
             rows, cols = f.get_slice(key).get_shape()
-            tensors[f"{name}.lora_down.weight"] = torch.randn(rank, cols, generator=g) * 0.3
-            tensors[f"{name}.lora_up.weight"] = torch.randn(rows, rank, generator=g) * 0.3
-            tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+            tensors[f"{module}.lora_down.weight"] = torch.randn(rank, cols, generator=g) * 0.3
+            tensors[f"{module}.lora_up.weight"] = torch.randn(rows, rank, generator=g) * 0.3
+            tensors[f"{module}.alpha"] = torch.tensor(float(rank))
     metadata = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank), "ss_base_model_version": "sd_v1",
-                "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.title": "LoRA Workbench demo style",
-                "modelspec.trigger_phrase": "lwstyle",
-                "ss_tag_frequency": json.dumps({"10_lwstyle": {"lwstyle": 10, "lighthouse": 4}}),
+                "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.title": f"LoRA Workbench demo ({trigger})",
+                "modelspec.trigger_phrase": trigger,
+                "ss_tag_frequency": json.dumps({f"10_{trigger}": {trigger: 10, "lighthouse": 4}}),
                 "lw.scope": "one style: the demo style of the tiny test model"}
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / NAME
+    path = out_dir / name
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -54,5 +55,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--comfyui", type=Path, required=True)
     args = parser.parse_args()
-    print(make_demo_lora(args.comfyui / "models" / "checkpoints" / "lw_tiny_sd15.safetensors",
-                         args.comfyui / "models" / "loras"))
+    checkpoint = args.comfyui / "models" / "checkpoints" / "lw_tiny_sd15.safetensors"
+    paths = [str(make_demo_lora(checkpoint, args.comfyui / "models" / "loras", *spec)) for spec in DEMO_LORAS]
+    print(json.dumps(paths))
