@@ -2,8 +2,10 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .nodes import NODE_LIST
+from .nodes.routes import register_routes
 
 WEB_DIRECTORY = "./web"
+register_routes()  # /lora_workbench/info for the frontend's LoRA info panel; no-op without a server
 
 
 class LoRAWorkbench(ComfyExtension):

@@ -1,4 +1,6 @@
 """LW_LoadLoRA over HTTP against a started ComfyUI server."""
+import json
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -68,3 +70,16 @@ def test_queued_prompt_with_load_lora_moves_the_latent(comfy_http, loras_dir, ho
     without = _fetch_latent(comfy_http, comfy_http.run_prompt(_prompt("http_style.safetensors", 0.0)))
     assert with_lora.shape == (1, 4, 8, 8) and torch.isfinite(with_lora).all()
     assert (with_lora - without).abs().max() > 1e-3
+
+
+def test_info_route_reads_the_header_and_refuses_escaping_names(comfy_http):
+    info = comfy_http.get_json("/lora_workbench/info?name=lw_demo_style.safetensors")
+    assert info["trigger_words"][0] == "lwstyle" and info["family"] == "SD1.x" and info["rank"] == "4"
+    assert info["scope"].startswith("one style")
+    for bad, status in (("../secret.safetensors", 400), ("nope.safetensors", 404)):
+        try:
+            comfy_http.get_json("/lora_workbench/info?" + urllib.parse.urlencode({"name": bad}))
+        except urllib.error.HTTPError as err:
+            assert err.code == status and "error" in json.loads(err.read())
+        else:
+            raise AssertionError(f"{bad} was served")
