@@ -1,0 +1,211 @@
+"""The pack in ComfyUI's graph editor, in a real browser: node search, the Stack LoRA row editor,
+the LoRA info panel and route."""
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+OUR_NODES = {"LW_LoadLoRA": "Load LoRA", "LW_StackLoRA": "Stack LoRA", "LW_TrainLoRA": "Train LoRA",
+             "LW_MergeLoRA": "Merge LoRA"}
+SD15 = "lw_tiny_sd15.safetensors"
+STYLE = "lw_demo_style.safetensors"  # trigger phrase 'lwstyle' (tests/host_fixture/demo_lora.py)
+EDITOR = "[data-lw-editor='LW_StackLoRA']"
+
+
+def _node_types(ui) -> list[str]:
+    return ui.js("() => app.graph.nodes.map(n => n.type)")
+
+
+def test_node_search_finds_and_adds_our_four_nodes(ui):
+    for n, (node_type, display) in enumerate(OUR_NODES.items()):
+        ui.page.mouse.dblclick(500, 400)  # empty canvas: ComfyUI opens its node search dialog
+        box = ui.page.locator(".comfy-vue-node-search-box input:visible")
+        box.wait_for(timeout=10_000)
+        box.fill(display)
+        # core has a "Load LoRA" too: ours is the one in the pack's category
+        option = ui.page.locator(".p-autocomplete-option").filter(has_text=display).filter(
+            has_text="LoRA Workbench").first
+        option.wait_for(state="visible", timeout=10_000)
+        if node_type == "LW_StackLoRA":
+            ui.screenshot("node_search", docs=True)
+        option.click()
+        ui.wait_for("t => app.graph.nodes.some(n => n.type === t)", node_type)
+        box.wait_for(state="hidden")
+        # out of the way, so the next double click lands on empty canvas again
+        ui.js("([t, n]) => { app.graph.nodes.find(x => x.type === t).pos = [3000 + 600 * n, 0]; }", [node_type, n])
+        ui.settle()
+    assert sorted(_node_types(ui)) == sorted(OUR_NODES)
+    # and the same four through LiteGraph, as scripts and other extensions create them
+    for node_type in OUR_NODES:
+        ui.add_node(node_type, (1200, 100))
+    assert sorted(_node_types(ui)) == sorted(list(OUR_NODES) * 2)
+
+
+def _stack_graph(ui, **values) -> dict:
+    ckpt = ui.add_node("CheckpointLoaderSimple", (-260, 80), {"ckpt_name": SD15})
+    stack = ui.add_node("LW_StackLoRA", (80, 40), values)
+    show = ui.add_node("PreviewAny", (600, 60))
+    ui.connect(ckpt, "MODEL", stack, "model")
+    ui.connect(ckpt, "CLIP", stack, "clip")
+    ui.connect(stack, "report", show, "source")
+    ui.focus([stack], top=20)
+    return {"ckpt": ckpt, "stack": stack, "show": show}
+
+
+def _pick(ui, row: int, text: str, value: str) -> None:
+    ui.page.locator(f"{EDITOR} .lw-row[data-row='{row}'] .lw-pick").click()
+    picker = ui.page.locator(".lw-panel.lw-picker")
+    picker.locator("input").fill(text)
+    picker.locator(".lw-picker-item", has_text=value).first.wait_for()
+    ui.page.keyboard.press("Enter")
+    ui.page.locator(f"{EDITOR} .lw-row[data-row='{row}'][data-lora='{value}']").wait_for()
+
+
+def _rows(ui) -> list[dict]:
+    return ui.js("""() => [...document.querySelectorAll("[data-lw-editor] .lw-row")].map(r => ({
+        row: Number(r.dataset.row), lora: r.dataset.lora, on: r.querySelector('.lw-toggle').checked,
+        model: Number(r.querySelector("input.lw-num[data-field=strength_model]").value),
+        effective: [...r.querySelectorAll('.lw-eff')].map(e => ({value: Number(e.dataset.effective),
+            clamped: e.classList.contains('lw-clamped')}))}))""")
+
+
+def test_row_editor_adds_toggles_reorders_and_the_prompt_carries_the_rows(ui, comfy_http):
+    ids = _stack_graph(ui)
+    stack = ids["stack"]
+    assert len(_rows(ui)) == 1, "a new Stack LoRA shows one empty row"
+    _pick(ui, 1, "demo_a", "lw_demo_a.safetensors")
+
+    ui.page.locator(f"{EDITOR} .lw-add").click()
+    ui.page.locator(f"{EDITOR} .lw-row[data-row='2']").wait_for()
+    _pick(ui, 2, "demo_b", "lw_demo_b.safetensors")
+    box = ui.page.locator(f"{EDITOR} .lw-row[data-row='2'] input.lw-num[data-field=strength_model]")
+    box.fill("1.6")
+    box.press("Tab")
+    ui.page.locator(f"{EDITOR} .lw-add").click()
+    _pick(ui, 3, "style", STYLE)
+    ui.page.locator(f"{EDITOR} .lw-row[data-row='3'] .lw-toggle").click()  # row 3 off
+    rows = _rows(ui)
+    assert [(r["lora"], r["on"], r["model"]) for r in rows] == [
+        ("lw_demo_a.safetensors", True, 1.0), ("lw_demo_b.safetensors", True, 1.6), (STYLE, False, 1.0)]
+
+    inputs = ui.prompt()["output"][str(stack)]["inputs"]
+    assert (inputs["lora_1"], inputs["lora_2"], inputs["lora_3"], inputs["lora_4"]) == (
+        "lw_demo_a.safetensors", "lw_demo_b.safetensors", STYLE, "None")
+    assert inputs["strength_model_2"] == pytest.approx(1.6) and inputs["on_3"] is False and inputs["on_1"] is True
+
+    # reorder: row 2 up, then the (off) style row to the top by dragging its handle
+    ui.page.locator(f"{EDITOR} .lw-row[data-row='2'] .lw-up").click()
+    ui.page.locator(f"{EDITOR} .lw-row[data-row='3'] .lw-handle").drag_to(
+        ui.page.locator(f"{EDITOR} .lw-row[data-row='1']"))
+    assert [(r["lora"], r["on"]) for r in _rows(ui)] == [
+        (STYLE, False), ("lw_demo_b.safetensors", True), ("lw_demo_a.safetensors", True)]
+    inputs = ui.prompt()["output"][str(stack)]["inputs"]
+    assert (inputs["lora_1"], inputs["on_1"], inputs["lora_2"], inputs["strength_model_2"]) == (
+        STYLE, False, "lw_demo_b.safetensors", pytest.approx(1.6))
+
+    # a saved workflow reloads with the same rows (widget values are what is saved)
+    saved = ui.js("() => JSON.parse(JSON.stringify(app.graph.serialize()))")
+    ui.clear()
+    ui.load(saved)
+    ui.focus([stack], top=20)
+    assert [(r["lora"], r["on"], r["model"]) for r in _rows(ui)] == [
+        (STYLE, False, 1.0), ("lw_demo_b.safetensors", True, 1.6), ("lw_demo_a.safetensors", True, 1.0)]
+
+    # a run: every row shows the strength actually applied next to the requested one
+    entry = comfy_http.wait_for(ui.queue(), timeout=120)
+    assert entry["status"]["status_str"] == "success"
+    ui.wait_for("() => document.querySelectorAll('[data-lw-editor] .lw-eff').length >= 4", timeout=20_000)
+    rows = _rows(ui)
+    b_row = rows[1]
+    assert b_row["effective"][0]["clamped"] and b_row["effective"][0]["value"] <= 1.0 + 1e-6, \
+        "1.6 requested is above weight_max 1.0: the editor must show the clamped value"
+    assert rows[0]["effective"][0]["value"] == 0 and not rows[0]["effective"][0]["clamped"], "an off row shows 'off'"
+    ui.focus_bottom(stack, [ids["show"]])
+    ui.screenshot("stack_rows", docs=True)
+    ui.focus([stack], top=20)
+
+    # remove the first row: the others move up, the prompt follows
+    ui.page.locator(f"{EDITOR} .lw-row[data-row='1'] .lw-remove").click()
+    assert [r["lora"] for r in _rows(ui)] == ["lw_demo_b.safetensors", "lw_demo_a.safetensors"]
+    inputs = ui.prompt()["output"][str(stack)]["inputs"]
+    assert (inputs["lora_1"], inputs["lora_2"], inputs["lora_3"]) == (
+        "lw_demo_b.safetensors", "lw_demo_a.safetensors", "None")
+
+
+def test_row_editor_moves_connected_loras_with_their_row(ui):
+    ids = _stack_graph(ui)
+    stack = ids["stack"]
+    load = ui.add_node("LW_LoadLoRA", (-260, 400), {"lora_name": STYLE})
+    ui.connect(ids["ckpt"], "MODEL", load, "model")
+    ui.page.locator(f"{EDITOR} .lw-add").click()
+    ui.connect(load, "LORA", stack, "lora_2_in")
+    ui.wait_for("() => document.querySelector(\"[data-lw-editor] .lw-row[data-row='2'] .lw-linked\")")
+    ui.page.locator(f"{EDITOR} .lw-row[data-row='2'] .lw-up").click()
+    links = ui.js("""id => Object.fromEntries(app.graph.getNodeById(id).inputs
+        .filter(i => /^lora_\\d_in$/.test(i.name)).map(i => [i.name, i.link != null]))""", stack)
+    assert links["lora_1_in"] and not links["lora_2_in"]
+    assert ui.prompt()["output"][str(stack)]["inputs"]["lora_1_in"] == [str(load), 2]
+
+
+def test_info_panel_shows_trigger_words_and_copies_them(ui, info_route):
+    load = ui.add_node("LW_LoadLoRA", (80, 40), {"lora_name": STYLE})
+    ui.focus([load], top=40)
+    panel = ui.page.locator("[data-lw-info] .lw-info")
+    panel.wait_for(timeout=10_000)
+    text = panel.inner_text()
+    assert "LoRA Workbench demo style" in text and "SD1.x" in text and "rank 4" in text and "alpha 4" in text
+    assert "one style: the demo style of the tiny test model" in text
+    chip = ui.page.locator("[data-lw-info] .lw-trigger[data-word='lwstyle']")
+    chip.click()
+    assert ui.js("() => navigator.clipboard.readText()") == "lwstyle"
+    ui.screenshot("lora_info", docs=True)
+
+    # the same panel from a Stack LoRA row's info button
+    stack = ui.add_node("LW_StackLoRA", (520, 40), {"lora_1": STYLE})
+    ui.focus([load, stack], top=40)
+    ui.page.locator(f"{EDITOR} .lw-row[data-row='1'] .lw-info-btn").click()
+    popup = ui.page.locator(".lw-panel.lw-info-panel .lw-trigger[data-word='lwstyle']")
+    popup.wait_for(timeout=10_000)
+    ui.screenshot("lora_info_stack_row", docs=True)
+
+    # picking another LoRA updates the panel
+    ui.js("""id => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'lora_name');
+        w.value = 'lw_demo_a.safetensors'; w.callback?.(w.value); }""", load)
+    ui.page.locator("[data-lw-info] .lw-trigger[data-word='lwink']").wait_for(timeout=10_000)
+
+
+def _get(url: str):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+@pytest.mark.parametrize("prefix", ["", "/api"])
+def test_info_route_reads_the_header_and_refuses_names_leaving_the_folder(comfy_server, info_route, prefix):
+    base = f"{comfy_server}{prefix}/lora_workbench/info?name="
+    status, body = _get(base + STYLE)
+    assert status == 200, (status, body)
+    assert body["trigger_words"][0] == "lwstyle" and body["family"] == "SD1.x" and body["rank"] == "4"
+    for name in ("../" + STYLE, "../../main.py", "loras/../../x.safetensors", "..\\x.safetensors"):
+        status, body = _get(base + urllib.parse.quote(name))
+        assert status == 400 and "'..'" in body["error"], (name, status, body)
+    status, body = _get(base + urllib.parse.quote("/etc/passwd"))
+    assert status == 400 and "relative" in body["error"]
+    status, body = _get(base + "no_such_lora.safetensors")
+    assert status == 404 and "not found" in body["error"]
+    status, body = _get(base)
+    assert status == 400
+
+
+def test_info_route_from_the_page(ui, info_route):
+    ui.expect_console_error("400 (Bad Request) @ " + ui.url + "/api/lora_workbench/info?name=..%2Fsecret")
+    result = ui.js("""async () => {
+        const name = encodeURIComponent('../secret.safetensors');
+        const r = await comfyAPI.api.api.fetchApi('/lora_workbench/info?name=' + name);
+        return [r.status, await r.json()];
+    }""")
+    assert result[0] == 400 and "'..'" in result[1]["error"]
