@@ -51,7 +51,7 @@ PYTHON_VERSION = (3, 11)
 # Repeated on every pip line so the resolver never swaps torch (CPU-only hosts included).
 TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
 SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
-EXTRA_REQUIREMENTS = ("requests", "pytest")
+EXTRA_REQUIREMENTS = ("requests", "pytest", "playwright")  # playwright drives Debian's chromium; it never downloads one
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 FIXTURE_PACK = CHECKOUT / "tests" / "host_fixture" / "lw_test_fixture"

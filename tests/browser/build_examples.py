@@ -85,7 +85,7 @@ BUILDERS = {
   }, "Stack LoRA (three, clamped)");
   link(ckpt, "MODEL", stack, "model");
   link(ckpt, "CLIP", stack, "clip");
-  sampler([940, 60], [stack, 0], [stack, 1], [ckpt, 2], "lwink, lwgrain, lwpastel, a lighthouse on a cliff",
+  sampler([940, 60], [stack, 0], [stack, 1], [ckpt, 2], "lwdemoa, lwdemob, lwdemoc, a lighthouse on a cliff",
           "lora_workbench/stack_three");
   const report = add("PreviewAny", [940, 760], {}, "Stack report");
   link(stack, "report", report, "source");
@@ -145,7 +145,7 @@ BUILDERS = {
   link(ckpt, "MODEL", stack, "model");
   link(ckpt, "CLIP", stack, "clip");
   link(merge, "LORA", stack, "lora_1_in");
-  sampler([1040, 40], [stack, 0], [stack, 1], [ckpt, 2], "lwink, lwgrain, lwpastel, a lighthouse",
+  sampler([1040, 40], [stack, 0], [stack, 1], [ckpt, 2], "lwdemoa, lwdemob, lwdemoc, a lighthouse",
           "lora_workbench/merge_three");
 }
 """,

@@ -155,7 +155,7 @@ def test_info_panel_shows_trigger_words_and_copies_them(ui, info_route):
     panel = ui.page.locator("[data-lw-info] .lw-info")
     panel.wait_for(timeout=10_000)
     text = panel.inner_text()
-    assert "LoRA Workbench demo style" in text and "SD1.x" in text and "rank 4" in text and "alpha 4" in text
+    assert "LoRA Workbench demo (lwstyle)" in text and "SD1.x" in text and "rank 4" in text and "alpha 4" in text
     assert "one style: the demo style of the tiny test model" in text
     chip = ui.page.locator("[data-lw-info] .lw-trigger[data-word='lwstyle']")
     chip.click()
@@ -173,7 +173,7 @@ def test_info_panel_shows_trigger_words_and_copies_them(ui, info_route):
     # picking another LoRA updates the panel
     ui.js("""id => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'lora_name');
         w.value = 'lw_demo_a.safetensors'; w.callback?.(w.value); }""", load)
-    ui.page.locator("[data-lw-info] .lw-trigger[data-word='lwink']").wait_for(timeout=10_000)
+    ui.page.locator("[data-lw-info] .lw-trigger[data-word='lwdemoa']").wait_for(timeout=10_000)
 
 
 def _get(url: str):

@@ -2,7 +2,9 @@
 the node views (effective strengths, live loss chart, merge report) show the run."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import time
 import urllib.error
@@ -19,11 +21,25 @@ RUN_TIMEOUT_S = 300
 
 @pytest.fixture(scope="session")
 def scratch_folder(host_install, loras_dir):
-    """A folder name under models/loras for what the examples write; removed after the session."""
-    name = f"lw_browser_{uuid.uuid4().hex[:8]}"
+    """A folder under models/loras for what the examples write (a fresh one per session; the examples'
+    own folder when LW_UPDATE_SCREENSHOTS=1, so the README screenshots show its names). What the
+    runs wrote is removed after the session."""
+    docs = os.environ.get("LW_UPDATE_SCREENSHOTS") == "1"
+    name = "lora_workbench_examples" if docs else f"lw_browser_{uuid.uuid4().hex[:8]}"
     yield name
     for root in (Path(host_install.comfyui) / "models" / "loras", Path(loras_dir)):
-        shutil.rmtree(root / name, ignore_errors=True)
+        folder = root / name
+        if not docs:
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        for file in WRITTEN:
+            for path in folder.parent.glob(file + "*"):  # the LoRA and its optimizer state
+                path.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+WRITTEN: list[str] = []  # LoRA files the example runs wrote, names relative to the loras folder
 
 
 def _get(url: str, raw: bool = False):
@@ -147,6 +163,7 @@ def test_example_workflow_loads_runs_and_shows_its_results(ui, comfy_http, info_
         time.sleep(0.1)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"], indent=1)[:3000]
     written = _check_outputs(ui, comfy_http, entry, prompt)
+    WRITTEN.extend(written)
     assert all(name.startswith(scratch_folder + "/") for name in written), written
 
     if trains:  # the live loss chart grew while the run went on, one point per step
