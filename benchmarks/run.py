@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -70,7 +69,6 @@ def main(argv: list[str]) -> int:
     started = time.time()
 
     import torch  # noqa: F401  (host python from here on)
-
     from lwbench import fixtures, measure, report
     from lwbench import forward as fwd
     from lwbench import merge as mrg
@@ -126,7 +124,8 @@ def main(argv: list[str]) -> int:
             for i in range(3):
                 path = dirs["loras"] / f"lw_bench_{kind}_{i + 1}.safetensors"
                 loras.setdefault(kind, []).append(
-                    fixtures.write_kohya_lora(path, base, kind, rank=32, alpha=16.0, seed=100 * (kind == "typical") + i))
+                    fixtures.write_kohya_lora(path, base, kind, rank=32, alpha=16.0,
+                                              seed=100 * (kind == "typical") + i))
         results["loras"] = loras
         cases = {}
         for kind, n in (("attention", 1), ("attention", 3), ("typical", 3)):
@@ -137,7 +136,6 @@ def main(argv: list[str]) -> int:
                                           "flops": 2.0 * params * 32 * n, "bytes": 2.0 * 4 * params}
         results["cases"] = {k: {kk: vv for kk, vv in v.items() if kk != "names"} for k, v in cases.items()}
 
-        rows = []
         gate = measure.QuietGate(enabled=not args.no_gate, max_wait=20.0, budget=30.0 if args.quick else 300.0)
         # ------------------------------------------------------------ apply / strength / restore
         if {"apply", "strength", "restore"} & set(args.sections):
@@ -287,7 +285,8 @@ def _notes(results: dict, trn) -> list[str]:
             f"target option and trains every layer incl. convs, norms and bias diffs "
             f"({t['results'][trn.CORE]['trainable_params']:,} parameters), at its own defaults otherwise "
             "(MSE loss, lr 5e-4). Ours runs the training half of LW_TrainLoRA (its bridge functions and "
-            "lora_core.training.train); the node's one-off image/caption encoding, weight hashing and save are left out.")
+            "lora_core.training.train); the node's one-off image/caption encoding, weight hashing and save "
+            "are left out.")
     if "merge" in results:
         notes.append("Merge: the dense baseline's whole-LoRA time is estimated from one layer of each distinct "
                      "shape (median of the repetitions) times the number of layers of that shape; a dense SVD of "

@@ -340,7 +340,8 @@ def comfy_server(host_install, host_dirs, tmp_path_factory) -> str:
     """Base URL of `main.py --cpu` on a free loopback port, with the session's loras dir."""
     work = tmp_path_factory.mktemp("comfy_server")
     extra_paths = work / "extra_model_paths.yaml"
-    extra_paths.write_text(json.dumps({"lw_tests": {"loras": str(host_dirs["loras"])}}))  # JSON is YAML
+    # JSON is YAML; is_default makes files the nodes write land in the session folder, not the install.
+    extra_paths.write_text(json.dumps({"lw_tests": {"loras": str(host_dirs["loras"]), "is_default": True}}))
     port = _free_port()
     cmd = [str(host_install.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--disable-api-nodes", "--database-url", "sqlite:///:memory:",

@@ -35,6 +35,7 @@ def _tokens_per_layer(base, keys: list[str], x, sigma, ctx, scale: int) -> dict[
 
 def run(hub, base, names: list[str], reps: int, log, latent: int = 64, gate=None) -> dict:
     import comfy.model_management as mm
+
     from .fixtures import lora_targets
     g = torch.Generator().manual_seed(7)
     x = torch.randn(1, 4, latent, latent, generator=g)

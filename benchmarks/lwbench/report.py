@@ -61,7 +61,8 @@ def stack_rows(stack_results: dict, cases: dict, floor: dict) -> list[dict]:
                                ratio["min"] <= 0.5 and ours_t["min"] <= 2.5 * fl["lower_bound_s"])
             rows.append(_row("apply", case, "node + patch", impl, ours_t, st.CORE, core_t, ratio, target, met,
                              note=(f"node {res['apply']['node']['median']:.3f} s + patch "
-                                   f"{res['apply']['patch']['median']:.3f} s (core {core['apply']['node']['median']:.3f}"
+                                   f"{res['apply']['patch']['median']:.3f} s "
+                                   f"(core {core['apply']['node']['median']:.3f}"
                                    f" + {core['apply']['patch']['median']:.3f}); ratio of minima {ratio['min']:.3f}; "
                                    + (f"floor {fl['lower_bound_s']:.3f} s, ours/floor median "
                                       f"{ours_t['median'] / fl['lower_bound_s']:.2f}, min "

@@ -41,7 +41,8 @@ def make_demo_lora(checkpoint: Path, out_dir: Path, name: str, seed: int, trigge
             tensors[f"{module}.lora_up.weight"] = torch.randn(rows, rank, generator=g) * 0.3
             tensors[f"{module}.alpha"] = torch.tensor(float(rank))
     metadata = {"ss_network_dim": str(rank), "ss_network_alpha": str(rank), "ss_base_model_version": "sd_v1",
-                "modelspec.architecture": "stable-diffusion-v1/lora", "modelspec.title": f"LoRA Workbench demo ({trigger})",
+                "modelspec.architecture": "stable-diffusion-v1/lora",
+                "modelspec.title": f"LoRA Workbench demo ({trigger})",
                 "modelspec.trigger_phrase": trigger,
                 "ss_tag_frequency": json.dumps({f"10_{trigger}": {trigger: 10, "lighthouse": 4}}),
                 "lw.scope": "one style: the demo style of the tiny test model"}
