@@ -38,6 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "results", help="results folder (default benchmarks/results)")
     p.add_argument("--no-write", action="store_true", help="print the table only")
     p.add_argument("--from-json", type=Path, help="re-render the table and Markdown from a results JSON; runs nothing")
+    p.add_argument("--update", type=Path, help="re-measure the --only sections and replace them in this results JSON "
+                                               "(e.g. ones a burst of other jobs spoiled); the rest is kept")
     p.add_argument("--no-gate", action="store_true",
                    help="do not wait for other processes' CPU bursts to pass before each repetition")
     args = p.parse_args(argv)
@@ -137,17 +139,31 @@ def main(argv: list[str]) -> int:
         results["cases"] = {k: {kk: vv for kk, vv in v.items() if kk != "names"} for k, v in cases.items()}
 
         gate = measure.QuietGate(enabled=not args.no_gate, max_wait=20.0, budget=30.0 if args.quick else 300.0)
+        section_runs = results["section_runs"] = {}
+
+        def measured(name: str, fn):
+            """Run a section and note when, and how busy the machine was meanwhile."""
+            psi0, n0, t0 = psi_cpu(), len(gate.samples), time.time()
+            out = fn()
+            busy = sorted(gate.samples[n0:])
+            section_runs[name] = {"date": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
+                                  "seconds": round(time.time() - t0, 1), "psi_avg60_start": psi0,
+                                  "psi_avg60_end": psi_cpu(),
+                                  "others_busy_median": busy[len(busy) // 2] if busy else None}
+            return out
+
         # ------------------------------------------------------------ apply / strength / restore
         if {"apply", "strength", "restore"} & set(args.sections):
-            results["stacks"], results["equivalence"] = _stacks(hub, base, cases, args, st, measure, log, gate)
+            results["stacks"], results["equivalence"] = measured(
+                "stacks", lambda: _stacks(hub, base, cases, args, st, measure, log, gate))
         # ------------------------------------------------------------ forward
         if "forward" in args.sections:
             names = cases["3 x attention r32"]["names"]
-            results["forward"] = fwd.run(hub, base, names, args.reps, log, gate=gate)
+            results["forward"] = measured("forward", lambda: fwd.run(hub, base, names, args.reps, log, gate=gate))
         # ------------------------------------------------------------ merge
         if "merge" in args.sections:
             paths = [str(dirs["loras"] / f["file"]) for f in loras["attention"]]
-            results["merge"] = mrg.run(hub, paths, args.reps, log, gate=gate)
+            results["merge"] = measured("merge", lambda: mrg.run(hub, paths, args.reps, log, gate=gate))
         # ------------------------------------------------------------ train (its own reduced model)
         if "train" in args.sections:
             import comfy.model_management as mm
@@ -156,7 +172,7 @@ def main(argv: list[str]) -> int:
             small = fixtures.load_unet(hub, fixtures.TRAIN_MODEL_FILE)
             runs = 1 if args.quick else 2
             steps = 1 + -(-args.reps // runs)  # a warm-up step + enough measured steps for >= reps in total
-            results["train"] = trn.run(hub, small, runs, steps, log, gate=gate)
+            results["train"] = measured("train", lambda: trn.run(hub, small, runs, steps, log, gate=gate))
             results["train"]["layout"] = fixtures.REDUCED_LAYOUT
 
         # ------------------------------------------------------------ floor, part 2 and the table
@@ -173,16 +189,40 @@ def main(argv: list[str]) -> int:
         results["contention"]["end"] = psi_cpu()
         results["contention"]["gate"] = gate.summary()
         results["seconds"] = round(time.time() - started, 1)
-        _finish(results, cases, args, report, trn)
+        if args.update:
+            results = _merged(args.update, results, measure)
+            _finish(results, cases, args, report, trn, write_name=args.update.name, out=args.update.parent)
+        else:
+            _finish(results, cases, args, report, trn)
         return 0
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _finish(results: dict, cases: dict, args, report, trn, write_name: str | None = None) -> None:
+def _merged(path: Path, new: dict, measure) -> dict:
+    """The results in `path` with the sections of `new` replacing theirs."""
+    import json
+    old = json.loads(path.read_text())
+    for key in ("stacks", "equivalence", "forward", "train", "merge"):
+        if key in new:
+            old[key] = new[key]
+    old.setdefault("section_runs", {}).update(new["section_runs"])
+    old["sections"] = [s for s in SECTIONS if s in set(old["sections"]) | set(new["sections"])]
+    runs = old["floor"]["runs"] + new["floor"]["runs"]
+    old["floor"] = {**new["floor"], "runs": runs,
+                    **{k: max(old["floor"][k], new["floor"][k])
+                       for k in ("gemm_gflops", "gemm_gflops_best", "addmm_gflops", "copy_gbps", "copy_gbps_best")}}
+    old.setdefault("updates", []).append({"date": new["date"], "command": new["command"],
+                                          "sections": new["sections"], "contention": new["contention"]})
+    return old
+
+
+def _finish(results: dict, cases: dict, args, report, trn, write_name: str | None = None,
+            out: Path | None = None) -> None:
     """Rows with targets, the printed table, the JSON and the Markdown page."""
     rows = []
     sections = results["sections"]
+    results["floors"] = {c: report.floor_of(info, results["floor"]) for c, info in results["cases"].items()}
     if "stacks" in results:
         rows += [r for r in report.stack_rows(results["stacks"], cases, results["floor"])
                  if r["section"] in sections or r["section"] == "memory"]
@@ -211,11 +251,11 @@ def _finish(results: dict, cases: dict, args, report, trn, write_name: str | Non
           f"{results['seconds']:.0f} s")
     if args.no_write:
         return
+    out = out or args.out
     name = write_name or f"{time.strftime('%Y-%m-%d')}-cpu{'-quick' if results['quick'] else ''}.json"
-    report.write_json(args.out / name, results)
-    report.write_atomic(args.out / ("latest-quick.md" if results["quick"] else "latest.md"),
-                        report.markdown(results, rows))
-    log(f"wrote {args.out / name}")
+    report.write_json(out / name, results)
+    report.write_atomic(out / ("latest-quick.md" if results["quick"] else "latest.md"), report.markdown(results, rows))
+    log(f"wrote {out / name}")
 
 
 def _floor(measure) -> dict:

@@ -7,6 +7,7 @@ matches ComfyUI v0.8.0 exactly so that patched weights agree with core `LoraLoad
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -24,7 +25,7 @@ class Adapter:
     def claim(cls, roles: dict[str, torch.Tensor]) -> "Adapter | None":
         raise NotImplementedError
 
-    @property
+    @cached_property  # read per layer on every patch; the roles of a parsed file never change
     def alpha(self) -> float | None:
         a = self.roles.get("alpha")
         return None if a is None else float(a.float().reshape(-1)[0])
@@ -80,7 +81,7 @@ class LowRankAdapter(Adapter):
     def rank(self) -> int:
         return int(self.roles["down"].shape[0])
 
-    @property
+    @cached_property
     def scale(self) -> float:
         return self.alpha / self.rank if self.alpha is not None else 1.0
 

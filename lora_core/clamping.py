@@ -144,12 +144,13 @@ def _fit_budget(rows: list[EffectiveStrength], part: str, budget: float) -> None
 
 # ---------------------------------------------------------------- rule 3: per-layer cap
 
-def layer_change_ratio(weight: torch.Tensor, terms: Sequence[Term]) -> float:
+def layer_change_ratio(weight: torch.Tensor, terms: Sequence[Term], weight_norm: float | None = None) -> float:
     """||sum_i s_i dW_i||_F / ||W||_F for `weight` (the target's own slice for fused layers).
 
     Plain LoRA terms are measured from their factors (see frobenius); LoHa/LoKr/conv terms
     fall back to a dense delta. A DoRA term's change depends on W, so such layers are
     measured by applying the terms to an fp32 copy of W. A zero W gives inf (0 if no change).
+    `weight_norm`: ||W||_F when the caller knows it (it reads the whole weight otherwise).
     """
     if not terms:
         return 0.0
@@ -159,12 +160,17 @@ def layer_change_ratio(weight: torch.Tensor, terms: Sequence[Term]) -> float:
         if term.adapter.target_shape_2d() != (rows, cols):
             raise ValueError(f"a {term.adapter.name} term is {term.adapter.target_shape_2d()} but the weight is "
                              f"{tuple(weight.shape)}; pass the weight of the layer the terms were planned for")
-    weight_norm = float(torch.linalg.vector_norm(weight, dtype=torch.float32))
+    if weight_norm is None:
+        weight_norm = float(torch.linalg.vector_norm(weight, dtype=torch.float32))
     if _has_dora(terms):
         w32 = weight.to(torch.float32)
         change = float(torch.linalg.vector_norm(apply_terms(w32.clone(), list(terms)) - w32))
     else:
-        change = frobenius.norm(frobenius.factor_terms(terms))
+        change = frobenius.terms_norm(terms)
+    return _share(change, weight_norm)
+
+
+def _share(change: float, weight_norm: float) -> float:
     if weight_norm == 0.0:
         return math.inf if change > 0.0 else 0.0
     return change / weight_norm
@@ -205,11 +211,13 @@ def host_weight(weights: WeightSource, target: Target) -> torch.Tensor:
 
 
 def cap_layers(layers: Mapping[Target, Sequence[Term]], weights: WeightSource,
-               cap: float = DEFAULT_LAYER_CAP) -> tuple[dict[Target, list[Term]], list[CappedLayer]]:
+               cap: float = DEFAULT_LAYER_CAP, weight_norms: Callable[[Target], float] | None = None
+               ) -> tuple[dict[Target, list[Term]], list[CappedLayer]]:
     """Rule 3: scale every term of a layer whose change ratio exceeds `cap` by cap / ratio.
 
     Layers at or under the cap keep their very Term objects. Layers whose weight is all
-    zeros are left alone: a share of nothing cannot be capped.
+    zeros are left alone: a share of nothing cannot be capped. `weight_norms`: ||W||_F of a
+    target's weight (e.g. memoised by the host), so unchanged weights are not re-read.
     """
     if not (_finite(cap) and cap > 0):
         raise ValueError(f"layer cap must be a finite number above 0, got {cap!r}")
@@ -219,19 +227,24 @@ def cap_layers(layers: Mapping[Target, Sequence[Term]], weights: WeightSource,
         new_layers[target] = list(terms)
         if not terms:
             continue
-        weight = host_weight(weights, target)
-        before = layer_change_ratio(weight, terms)
+        norm = weight_norms(target) if weight_norms is not None else None
+        if norm is not None and not _has_dora(terms):
+            # Factors and a known ||W|| are enough: the weight itself is not read.
+            before = _share(frobenius.terms_norm(terms), norm)
+        else:
+            before = layer_change_ratio(host_weight(weights, target), terms, norm)
         if not before > cap or math.isinf(before):
             continue
         factor = cap / before
         after = cap  # the change is linear in a common factor on additive terms
         if _has_dora(terms):
-            after = layer_change_ratio(weight, _scaled(terms, factor))
+            weight = host_weight(weights, target)
+            after = layer_change_ratio(weight, _scaled(terms, factor), norm)
             for _ in range(_NONLINEAR_CAP_STEPS):
                 if abs(after - cap) <= _NONLINEAR_CAP_TOL * cap or after == 0.0:
                     break
                 factor *= cap / after
-                after = layer_change_ratio(weight, _scaled(terms, factor))
+                after = layer_change_ratio(weight, _scaled(terms, factor), norm)
         new_layers[target] = _scaled(terms, factor)
         capped.append(CappedLayer(target, before, after, factor))
     return new_layers, capped

@@ -11,15 +11,22 @@ The R x R Gram matrices are tiny, so they are taken in fp64: a stack whose terms
 cancel still gets an accurate (and never negative) norm. DoRA terms count by their
 low-rank direction here; their true, weight-dependent change needs the weight
 (see clamping.layer_change_ratio).
+
+For term lists of plain low-rank adapters, `terms_inner` sums s_i s_j <dW_i, dW_j> over
+pairs of adapters whose strength-1 products are memoised per adapter pair: a Stack LoRA
+re-run after a strength change then costs a few multiplications per layer, not a pass over
+the factors.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from .adapters import Adapter
 from .weight_patch import Term
 
 
@@ -98,3 +105,41 @@ def norm(a: FactoredDelta) -> float:
     """||delta||_F; rounding can make the fp64 square a hair negative when terms cancel."""
     return math.sqrt(max(inner(a, a), 0.0))
 
+
+
+def adapter_inner(a: Adapter, b: Adapter) -> float | None:
+    """<dW_a, dW_b>_F at strength 1 of two low-rank adapters of one layer; None when either has no
+    (up, down) form, so the caller takes the dense route. Memoised on the first adapter, keyed by
+    the other's id and checked against a weak reference (an id can be reused once freed)."""
+    if id(a) > id(b):  # symmetric: one entry per unordered pair
+        a, b = b, a
+    memo = a.__dict__.setdefault("_lw_pair_dots", {})
+    hit = memo.get(id(b))
+    if hit is not None and hit[0]() is b:
+        return hit[1]
+    if a.low_rank() is None or b.low_rank() is None:
+        return None
+    dot = inner(factor_terms([Term(a, 1.0)]), factor_terms([Term(b, 1.0)]))
+    memo[id(b)] = (weakref.ref(b), dot)
+    return dot
+
+
+def terms_inner(a: Sequence[Term], b: Sequence[Term]) -> float:
+    """<sum_a s_i dW_i, sum_b s_j dW_j>_F; from memoised pair products when every term is low-rank."""
+    if len(a) == 1 and len(b) == 1:  # the usual case: one term per LoRA and layer
+        dot = adapter_inner(a[0].adapter, b[0].adapter)
+        if dot is not None:
+            return float(a[0].strength) * float(b[0].strength) * dot
+    total = 0.0
+    for ta in a:
+        for tb in b:
+            dot = adapter_inner(ta.adapter, tb.adapter)
+            if dot is None:
+                return inner(factor_terms(a), factor_terms(b))
+            total += float(ta.strength) * float(tb.strength) * dot
+    return total
+
+
+def terms_norm(terms: Sequence[Term]) -> float:
+    """||sum_i s_i dW_i||_F (see norm)."""
+    return math.sqrt(max(terms_inner(terms, terms), 0.0))

@@ -7,6 +7,7 @@ columns wrap into further panels below, so a 60-block transformer stays readable
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -112,10 +113,29 @@ def _grid(rows: Sequence[str], cols: Sequence[str], values) -> torch.Tensor:
     return grid
 
 
+# The last few images drawn: a Stack LoRA re-run after a strength change has the same cosines.
+_RECENT: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_RECENT_SIZE = 8
+
+
 def render_heatmap(rows: Sequence[str], cols: Sequence[str], values, title: str = DEFAULT_TITLE,
                    show_values: bool = True) -> torch.Tensor:
     """rows (pair labels like 'A x B') x cols (block names) of cosines in [-1, 1], NaN = none shared."""
     grid = _grid(rows, cols, values)
+    key = (tuple(rows), tuple(cols), title, show_values,
+           tuple(None if math.isnan(v) else round(v, 6) for v in grid.flatten().tolist()))
+    if key in _RECENT:
+        _RECENT.move_to_end(key)
+        return _RECENT[key].clone()
+    image = _draw(rows, cols, grid, title, show_values)
+    _RECENT[key] = image
+    while len(_RECENT) > _RECENT_SIZE:
+        _RECENT.popitem(last=False)
+    return image.clone()
+
+
+def _draw(rows: Sequence[str], cols: Sequence[str], grid: torch.Tensor, title: str, show_values: bool
+          ) -> torch.Tensor:
     layout = heatmap_layout(rows, cols, title)
     font = _font()
     image = Image.new("RGB", (layout.width, layout.height), BACKGROUND)

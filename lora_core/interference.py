@@ -11,7 +11,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Union
+from functools import lru_cache
+from typing import NamedTuple, Union
 
 from . import frobenius
 from .matching import MatchResult, Target
@@ -21,8 +22,7 @@ from .weight_patch import Term
 TermsOrTerm = Union[Term, Sequence[Term]]
 
 
-@dataclass(frozen=True)
-class LayerOverlap:
+class LayerOverlap(NamedTuple):  # a tuple: one per LoRA pair per layer on every Stack LoRA run
     target: Target
     lora_a: str
     lora_b: str
@@ -47,14 +47,18 @@ def pair_cosines(layers_by_lora: Mapping[str, Mapping[Target, TermsOrTerm]]) -> 
         targets.update(dict.fromkeys(layers_by_lora[name]))
     overlaps: list[LayerOverlap] = []
     for target in targets:
-        present = [n for n in names if target in layers_by_lora[n] and _as_terms(layers_by_lora[n][target])]
-        if len(present) < 2:
+        terms = {}
+        for n in names:
+            value = layers_by_lora[n].get(target)
+            if value:
+                terms[n] = _as_terms(value)
+        if len(terms) < 2:
             continue
-        factored = {n: frobenius.factor_terms(_as_terms(layers_by_lora[n][target])) for n in present}
-        norms = {n: frobenius.norm(f) for n, f in factored.items()}
+        present = list(terms)
+        norms = {n: frobenius.terms_norm(t) for n, t in terms.items()}
         for i, a in enumerate(present):
             for b in present[i + 1:]:
-                dot = frobenius.inner(factored[a], factored[b])
+                dot = frobenius.terms_inner(terms[a], terms[b])
                 cos = _cosine(dot, norms[a], norms[b])
                 overlaps.append(LayerOverlap(target, a, b, cos, dot, norms[a], norms[b]))
     return overlaps
@@ -167,23 +171,14 @@ def decorrelate(layers: Mapping[Target, Sequence[Term]],
             groups.setdefault(name, []).append(term)
         if len(groups) < 2:
             continue
-        factored: dict[str, frobenius.FactoredDelta] = {}
-        norms: dict[str, float] = {}
-
-        def prepared(n: str) -> frobenius.FactoredDelta:
-            if n not in factored:
-                factored[n] = frobenius.factor_terms(groups[n])
-                norms[n] = frobenius.norm(factored[n])
-            return factored[n]
-
         overlap = dict.fromkeys(groups, 0.0)
         order = list(groups)
         for i, a in enumerate(order):
             for b in order[i + 1:]:
                 cos = known.get((target, a, b))
                 if cos is None or math.isnan(cos):
-                    dot = frobenius.inner(prepared(a), prepared(b))
-                    cos = _cosine(dot, norms[a], norms[b])
+                    dot = frobenius.terms_inner(groups[a], groups[b])
+                    cos = _cosine(dot, frobenius.terms_norm(groups[a]), frobenius.terms_norm(groups[b]))
                 if cos > 0.0:
                     overlap[a] += cos
                     overlap[b] += cos
@@ -207,6 +202,7 @@ _WHOLE = {"middle_block", "mid_block"}
 _TE_WRAPPERS = {"transformer", "text_model", "encoder", "model"}
 
 
+@lru_cache(maxsize=1 << 14)  # a few thousand host keys, looked up on every Stack LoRA run
 def block_of(key: str) -> str:
     """Group a host weight key into a block name for display.
 

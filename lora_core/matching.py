@@ -28,9 +28,13 @@ class Target:
     key: str
     offset: tuple[int, int, int] | None = None
 
-    @property
-    def component(self) -> str:
-        return MODEL if self.key.startswith("diffusion_model.") else CLIP
+    def __post_init__(self):
+        # Targets key every per-layer table; hash and component once, not on each lookup.
+        object.__setattr__(self, "_hash", hash((self.key, self.offset)))
+        object.__setattr__(self, "component", MODEL if self.key.startswith("diffusion_model.") else CLIP)
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass

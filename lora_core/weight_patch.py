@@ -6,24 +6,35 @@ so no dense per-LoRA delta is ever held. Math runs in fp32 and is cast back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .adapters import Adapter
 
 
-@dataclass(frozen=True)
-class Term:
+class Term(NamedTuple):
+    """One adapter's share of a layer at a strength (a tuple: built per layer on every run)."""
+
     adapter: Adapter
     strength: float
 
 
-def _fused_low_rank(pending: list[tuple[tuple, float]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    ups = [up.to(device=device, dtype=torch.float32).flatten(start_dim=1) * (s * scale)
-           for (up, _, scale), s in pending]
-    downs = [down.to(device=device, dtype=torch.float32) for (_, down, _), _ in pending]
-    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def _fused_low_rank(pending: list[tuple[tuple, float]], device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(U, D, c) with c * U @ D == sum_i s_i c_i B_i A_i; factors are concatenated in their file
+    dtype and converted once (this runs per layer on every patch, so few, large ops)."""
+    ups = [up.flatten(start_dim=1) for (up, _, _), _ in pending]
+    scales = [s * scale for (_, _, scale), s in pending]
+    up = _cat(ups, 1).to(device=device, dtype=torch.float32)
+    down = _cat([down for (_, down, _), _ in pending], 0).to(device=device, dtype=torch.float32)
+    if all(c == scales[0] for c in scales):
+        return up, down, scales[0]
+    columns = torch.cat([torch.full((u.shape[1],), c, dtype=torch.float32) for u, c in zip(ups, scales)])
+    return up * columns.to(device), down, 1.0
 
 
 def dora_decompose(weight: torch.Tensor, dora_scale: torch.Tensor, delta: torch.Tensor,
@@ -54,8 +65,8 @@ def apply_terms(weight: torch.Tensor, terms: list[Term], strength: float = 1.0) 
 
     def flush() -> None:
         if pending:
-            up, down = _fused_low_rank(pending, work.device)
-            work.view(work.shape[0], -1).addmm_(up, down)
+            up, down, scale = _fused_low_rank(pending, work.device)
+            work.view(work.shape[0], -1).addmm_(up, down, alpha=scale)
             pending.clear()
 
     for term in terms:

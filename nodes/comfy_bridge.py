@@ -83,7 +83,29 @@ def _host_keys(module: torch.nn.Module, builder) -> tuple[dict, dict]:
     return _HOST_CACHE[module]
 
 
+# Match results per live model and LoRA: a re-run after a strength change matches nothing again.
+_MATCH_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
+
+
 def match_on_host(lora: LoRA, model=None, clip=None, allow_partial: bool = False) -> MatchResult:
+    """match_lora against the connected MODEL/CLIP; memoised while the LoRA and the modules live."""
+    modules = (None if model is None else model.model, None if clip is None else clip.cond_stage_model)
+    anchor = modules[0] if modules[0] is not None else modules[1]
+    if anchor is None:
+        return _match(lora, model, clip, allow_partial)
+    memo = _MATCH_CACHE.setdefault(anchor, {})
+    key = (id(lora), id(modules[1]), allow_partial)
+    hit = memo.get(key)
+    if hit is not None and hit[0]() is lora and hit[1]() is modules[1]:
+        return hit[2]
+    result = _match(lora, model, clip, allow_partial)
+    for stale in [k for k, v in memo.items() if v[0]() is None or v[1]() is None and k[1] != id(None)]:
+        del memo[stale]
+    memo[key] = (weakref.ref(lora), (lambda: None) if modules[1] is None else weakref.ref(modules[1]), result)
+    return result
+
+
+def _match(lora: LoRA, model, clip, allow_partial: bool) -> MatchResult:
     key_map, shapes, connected = {}, {}, set()
     for component, host, module, builder in ((MODEL, model, "model", comfy.lora.model_lora_keys_unet),
                                              (CLIP, clip, "cond_stage_model", comfy.lora.model_lora_keys_clip)):
@@ -106,8 +128,60 @@ def base_weight(model, clip, target: Target) -> torch.Tensor:
     return weight
 
 
+# ||W||_F of base weights per live model: ComfyUI never changes a base weight for good (patches
+# are undone from backups), so a Stack LoRA re-run reads none of them again.
+_NORM_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[Target, float]]" = weakref.WeakKeyDictionary()
+
+
+def base_weight_norms(model, clip):
+    """target -> ||W||_F of its base weight, for the connected MODEL/CLIP (memoised per model)."""
+    tables = {MODEL: None if model is None else _NORM_CACHE.setdefault(model.model, {}),
+              CLIP: None if clip is None else _NORM_CACHE.setdefault(clip.patcher.model, {})}
+
+    def norm(target: Target) -> float:
+        table = tables[target.component]
+        value = table.get(target)
+        if value is None:
+            value = table[target] = float(torch.linalg.vector_norm(base_weight(model, clip, target),
+                                                                   dtype=torch.float32))
+        return value
+    return norm
+
+
+_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+
+
+def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    """root's submodule at a dotted path, from a per-model table (walking 128 paths per node adds up)."""
+    table = _MODULES.get(root)
+    if table is None:
+        table = _MODULES[root] = dict(root.named_modules())
+    module = table.get(path)
+    return module if module is not None else comfy.utils.get_attr(root, path)
+
+
 def _patch_key(target: Target):
     return target.key if target.offset is None else (target.key, target.offset)
+
+
+def _take_chained_terms(patcher, target: Target) -> list[Term]:
+    """Terms of an earlier Workbench patch on the same weight (a chain of our nodes), removed from
+    this clone so both land in ONE fused product: one pass over the weight instead of one per
+    node. Only the last patch is taken (order with core's patches is kept); clone() gave this
+    patcher its own lists, so the upstream MODEL keeps its patches."""
+    entries = patcher.patches.get(target.key)
+    if not entries:
+        return []
+    strength_patch, patch, strength_model, offset, function = entries[-1]
+    same_slice = (None if offset is None else tuple(offset)) == target.offset
+    if not (isinstance(patch, WorkbenchWeightPatch) and strength_patch == 1.0 and strength_model == 1.0
+            and same_slice and function is None):
+        return []
+    if len(entries) == 1:
+        del patcher.patches[target.key]
+    else:
+        patcher.patches[target.key] = entries[:-1]
+    return list(patch.terms)
 
 
 def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list, mode: str) -> dict[str, int]:
@@ -115,7 +189,7 @@ def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list, mod
     weight_patches, bypassed, merged_instead = {}, 0, 0
     for target, terms in layers.items():
         module_path = target.key.rsplit(".", 1)[0]
-        module = comfy.utils.get_attr(patcher.model, module_path) if mode == BYPASS else None
+        module = _submodule(patcher.model, module_path) if mode == BYPASS else None
         additive = all(t.adapter.dora_scale is None for t in terms)
         if mode == BYPASS and additive and target.key.endswith(".weight") and supports_bypass(module, target.offset):
             name = f"{module_path}.forward"
@@ -124,7 +198,7 @@ def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list, mod
             bypassed += 1
         else:
             merged_instead += mode == BYPASS
-            weight_patches[_patch_key(target)] = WorkbenchWeightPatch(terms)
+            weight_patches[_patch_key(target)] = WorkbenchWeightPatch(_take_chained_terms(patcher, target) + terms)
     if weight_patches:
         patcher.add_patches(weight_patches, 1.0)
     for target, core_name, tensors, strength in foreign:

@@ -19,7 +19,7 @@ from ..lora_core.clamping import (
 )
 from ..lora_core.heatmap import render_heatmap
 from ..lora_core.interference import block_table, by_lora, decorrelate, pair_cosines, plan_named, top_overlaps
-from .comfy_bridge import MERGE, MODES, apply_layers, base_weight, match_on_host
+from .comfy_bridge import MERGE, MODES, apply_layers, base_weight, base_weight_norms, match_on_host
 from .lora_files import load_named_lora
 from .lora_rows import all_row_inputs, collect_rows, rows_fingerprint
 from .lw_types import LORA_STACK
@@ -96,7 +96,8 @@ class StackLoRA(io.ComfyNode):
             layers, decorrelated = decorrelate_layers(layers, names, overlaps)
         capped = []
         if use_layer_cap and layers:
-            layers, capped = cap_layers(layers, lambda t: base_weight(model, clip, t), layer_cap)
+            layers, capped = cap_layers(layers, lambda t: base_weight(model, clip, t), layer_cap,
+                                        base_weight_norms(model, clip))
         foreign = [(t, core_name, tensors, strength_model if t.component == "model" else strength_clip)
                    for _, match, strength_model, strength_clip in applied
                    for t, (core_name, tensors) in match.foreign.items()]

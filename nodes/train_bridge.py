@@ -12,6 +12,7 @@ import comfy.model_management as mm
 import comfy.model_sampling
 import comfy.utils
 import torch
+from comfy.weight_adapter import WeightAdapterBase
 
 from ..lora_core import LoRA, LoRAError, LowRankAdapter
 from ..lora_core.export import kohya_prefix
@@ -30,7 +31,6 @@ from ..lora_core.training import (
     nearest_bucket,
     select_targets,
 )
-from .comfy_bridge import WorkbenchWeightPatch
 
 # ---------------------------------------------------------------- data
 
@@ -187,10 +187,40 @@ def attach_trainable(model, preset: str, rank: int, alpha: float, seed: int, ini
         for name in _checkpoint_blocks(trainer.model.diffusion_model):
             block = comfy.utils.get_attr(trainer.model.diffusion_model, name)
             trainer.add_object_patch(f"diffusion_model.{name}.forward", CheckpointedForward(block))
-    # Weights loaded by other nodes are inference tensors, which autograd cannot save. Patching every
-    # weight with an empty patch makes ComfyUI load fresh copies (and restore the originals afterwards).
-    trainer.add_patches({k: WorkbenchWeightPatch([]) for k in shapes}, 1.0)
+    # Weights loaded by other nodes are inference tensors, which autograd cannot save. A patch on every
+    # weight makes ComfyUI swap in trainable-safe ones during training (and restore the originals after).
+    alias = AutogradSafeWeight(trainer)
+    trainer.add_patches({k: alias for k in shapes}, 1.0)
     return trainer, layers
+
+
+class AutogradSafeWeight(WeightAdapterBase):
+    """The base weight itself, as a tensor autograd may save for backward.
+
+    ComfyUI hands each weight patch a fresh copy of the weight. Where the original (kept in the
+    patcher's backup) is already on that device, a non-inference alias of its storage is returned
+    instead and the copy is dropped: training then holds no second copy of the model (and no
+    round trip through ComfyUI's patch dtype). Where the original sits on another device, the
+    fresh copy is what autograd gets.
+    Base weights are frozen and never written, so sharing their storage is safe.
+    """
+
+    name = "lora_workbench_autograd_safe"
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+        self.loaded_keys = set()
+        self.weights = []
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        backup = self.patcher.backup.get(key)
+        original = None if backup is None else backup.weight
+        if original is None or (original.device, original.shape) != (weight.device, weight.shape):
+            return weight
+        with torch.inference_mode(False):
+            return torch.empty(0, dtype=original.dtype, device=original.device).set_(
+                original.untyped_storage(), original.storage_offset(), original.shape, original.stride())
 
 
 def load_for_training(trainer) -> torch.device:

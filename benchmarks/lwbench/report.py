@@ -206,6 +206,11 @@ def markdown(results: dict, rows: list[dict]) -> str:
              f"patch-shaped addmm {results['floor']['addmm_gflops']:.1f} GFLOP/s; copy bandwidth "
              f"{results['floor']['copy_gbps']:.1f} GB/s median, {results['floor']['copy_gbps_best']:.1f} best "
              "(read + write)", "",
+             "- sections measured: " + "; ".join(
+                 f"{k} {v['date']} ({v['seconds']:.0f} s, CPU pressure {v['psi_avg60_start']} -> "
+                 f"{v['psi_avg60_end']}, other jobs' CPU share before repetitions, median "
+                 + (f"{v['others_busy_median']:.0%})" if v.get("others_busy_median") is not None else "n/a)")
+                 for k, v in results.get("section_runs", {}).items()), "",
              f"Model: {results['model']['description']}", "",
              f"Repetitions: {results['reps']} after a warm-up, ours and core alternating; cells are "
              "median (min); ratio = median over repetitions of ours/reference measured back to back.", "",

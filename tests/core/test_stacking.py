@@ -328,6 +328,51 @@ def test_block_of(key, block):
 
 # ---------------------------------------------------------------- heatmap
 
+def test_pair_products_are_memoised_and_strengths_still_count(monkeypatch):
+    """A re-run with other strengths takes every <dW_a, dW_b> from the memo (no factor pass), and the
+    cosines and layer ratios still equal the dense math at the new strengths, signs included."""
+    from lora_core import frobenius
+    a, b = make_lora(60, rank=4, alpha=2.0), make_lora(61, rank=3)
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(62)) * 0.2
+
+    def run(sa, sb):
+        per_lora = {"a": {Q: Term(a.adapters["q"], sa)}, "b": {Q: Term(b.adapters["q"], sb)}}
+        (overlap,) = pair_cosines(per_lora)
+        terms = [Term(a.adapters["q"], sa), Term(b.adapters["q"], sb)]
+        return overlap, terms, layer_change_ratio(w, terms)
+
+    run(1.0, 1.0)
+    calls = []
+    real_inner = frobenius.inner
+    monkeypatch.setattr(frobenius, "inner", lambda x, y: calls.append(1) or real_inner(x, y))
+    for sa, sb in ((0.7, 0.3), (0.7, -0.3), (-1.2, 0.5)):
+        overlap, terms, ratio = run(sa, sb)
+        assert overlap.cosine == pytest.approx(dense_cosine([terms[0]], [terms[1]]), rel=1e-6)
+        assert ratio == pytest.approx(float(dense(terms).norm() / w.double().norm()), rel=1e-6)
+    assert calls == []
+    assert run(0.7, 0.3)[0].cosine == pytest.approx(-run(0.7, -0.3)[0].cosine, rel=1e-12)
+
+
+def test_cap_layers_with_known_norms_reads_no_weight():
+    terms = three_terms("q")
+    w = torch.randn(24, 16, generator=torch.Generator().manual_seed(63)) * 0.1
+    expected, _ = cap_layers({Q: terms}, {Q: w}, 0.1)
+    norm = float(torch.linalg.vector_norm(w))
+    new, capped = cap_layers({Q: terms}, {}, 0.1, weight_norms=lambda t: norm)  # {}: a weight read would raise
+    assert len(capped) == 1
+    assert [t.strength for t in new[Q]] == pytest.approx([t.strength for t in expected[Q]], rel=1e-6)
+
+
+def test_heatmap_redraws_nothing_for_the_same_table_and_hands_out_copies():
+    rows, cols, values = ["a x b"], ["input_blocks.1", "middle_block"], [[0.4, math.nan]]
+    first = render_heatmap(rows, cols, values)
+    first.zero_()  # a downstream node writing into its input must not spoil the next run's image
+    second = render_heatmap(rows, cols, values)
+    assert float(second.max()) > 0.5 and not torch.equal(first, second)
+    assert torch.equal(second, render_heatmap(rows, cols, [[0.4, math.nan]]))
+    assert not torch.equal(second, render_heatmap(rows, cols, [[-0.4, math.nan]]))
+
+
 def test_heatmap_is_an_image_tensor_with_a_diverging_map():
     rows, cols = ["a x b", "a x c"], ["input_blocks.1", "middle_block", "output_blocks.3"]
     values = [[0.9, -0.9, math.nan], [0.0, 0.5, -0.2]]

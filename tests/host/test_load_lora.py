@@ -191,6 +191,27 @@ def test_shared_model_untouched_and_100_cycles_restore_bit_exactly(comfy_host, s
     assert all(torch.equal(after[k], original[k]) for k in original)
 
 
+def test_chained_loaders_fuse_into_one_patch_per_weight_and_match_core(comfy_host, sd15, load_node):
+    """Three Load LoRA nodes in a row write each weight once (one fused product), not three times;
+    each node's own MODEL keeps its own patches, and the result equals core's chain."""
+    model, clip = sd15
+    names = [save_lora(comfy_host.loras_dir, f"chain_{i}.safetensors",
+                       lora_state_dict(kohya_factors(model, None, rank=2 + i, seed=40 + i), alpha=2.0))
+             for i in range(3)]
+    strengths = (0.7, -0.4, 0.5)
+    ours_chain, core_chain = [model], model
+    for name, s in zip(names, strengths):
+        ours_chain.append(ours(load_node, name, ours_chain[-1], None, s_model=s)[0])
+        core_chain = comfy_host.nodes.LoraLoaderModelOnly().load_lora_model_only(core_chain, name, s)[0]
+    keys = list(attention_targets(model))
+    for depth, patcher in enumerate(ours_chain[1:], start=1):
+        for key in keys:
+            (entry,) = patcher.patches[key]
+            assert [t.strength for t in entry[1].terms] == list(strengths[:depth])
+    assert not model.patches
+    assert_parity(ours_chain[-1], core_chain, keys)
+
+
 def _sample_prompt(lora_name, strength, mode, seed=3, strength_clip=None):
     load = {"class_type": "LW_LoadLoRA", "inputs": {
         "model": ["1", 0], "clip": ["1", 1], "lora_name": lora_name, "strength_model": strength,

@@ -123,6 +123,32 @@ def test_only_lora_parameters_learn(comfy_host):
             bridge.unload(trainer)
 
 
+def test_training_shares_the_base_weights_instead_of_copying_them(comfy_host):
+    """The checkpoint's weights are inference tensors; training swaps in non-inference aliases of the
+    same storage (no second copy of the model), and unload puts the very originals back."""
+    bridge = comfy_host.pack.nodes.train_bridge
+    with torch.inference_mode():
+        model = comfy_host.nodes.CheckpointLoaderSimple().load_checkpoint(SD15)[0]
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    before = dict(model.model.diffusion_model.named_parameters())
+    values = {k: v.clone() for k, v in before.items()}
+    assert all(p.is_inference() for p in before.values())
+    with torch.inference_mode(False), torch.enable_grad():
+        trainer, _ = bridge.attach_trainable(model, "attention", 4, 4.0, 0, "kaiming", checkpointing=False)
+        try:
+            bridge.load_for_training(trainer)
+            during = dict(trainer.model.diffusion_model.named_parameters())
+            assert during.keys() == before.keys()
+            assert all(not p.is_inference() and p.data_ptr() == before[k].data_ptr() for k, p in during.items())
+            x = torch.randn(1, 4, 8, 8)
+            bridge.denoiser(trainer)(x, torch.tensor([1.0]), {"c_crossattn": torch.randn(1, 77, 32)}).sum().backward()
+        finally:
+            bridge.unload(trainer)
+    after = dict(model.model.diffusion_model.named_parameters())
+    assert all(after[k].data_ptr() == before[k].data_ptr() and torch.equal(after[k], values[k]) for k in before)
+
+
 def test_sample_prompt_renders_previews_while_training(comfy_host):
     out = comfy_host.run(_train_prompt("with_samples", steps=2, extra={"sample_prompt": "lwtest, a lighthouse",
                                                                       "sample_every": 1}), outputs=["3"])["3"]
