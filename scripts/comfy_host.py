@@ -350,6 +350,46 @@ def install(source: str | None = None) -> Host:
 
 # ---------------------------------------------------------------- commands
 
+def import_in_process(root: Path, dirs: dict, model_folders: dict):
+    """Import ComfyUI at `root` in this (host venv) process the way main.py does (--cpu), point its
+    folders at `dirs` ("output", "input", "temp", "user") and `model_folders` ({kind: path}, as
+    default folders), then load custom nodes with its own loader. Returns (nodes module, event loop).
+    Used by the tests (tests/conftest.py) and the benchmarks (benchmarks/lwbench/host.py)."""
+    import asyncio
+    if "nodes" in sys.modules and not getattr(sys.modules["nodes"], "__file__", "").startswith(str(root)):
+        raise HostError(f"a foreign `nodes` module was imported before ComfyUI: {sys.modules['nodes']}")
+    sys.path.insert(0, str(root))
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0], "--cpu"]  # comfy parses sys.argv at import; without --cpu it wants CUDA
+    try:
+        import comfy.options
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses the argv above)
+    finally:
+        sys.argv = saved_argv
+    import folder_paths
+    import utils.extra_config  # noqa: F401  (before nodes: nodes.py puts comfy/ first, whose utils.py shadows utils/)
+    folder_paths.set_output_directory(str(dirs["output"]))
+    folder_paths.set_input_directory(str(dirs["input"]))
+    folder_paths.set_temp_directory(str(dirs["temp"]))
+    folder_paths.set_user_directory(str(dirs["user"]))
+    for kind, path in model_folders.items():
+        folder_paths.add_model_folder_path(kind, str(path), is_default=True)
+
+    import hook_breaker_ac10a0
+    import server
+
+    import nodes  # ComfyUI's nodes.py (its root is sys.path[0]), not this pack's nodes/
+
+    # A PromptServer instance, as under main.py: packs may register routes at import.
+    loop = asyncio.new_event_loop()
+    server.PromptServer(loop)
+    hook_breaker_ac10a0.save_functions()
+    loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    hook_breaker_ac10a0.restore_functions()
+    return nodes, loop
+
+
 def host_env(host: Host) -> dict:
     return {**os.environ, "COMFYUI_PATH": str(host.comfyui), "LW_PYTHON": str(host.python)}
 

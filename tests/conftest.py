@@ -256,44 +256,13 @@ class ComfyHost:
         return results
 
 
-def _import_comfyui(root: Path, dirs: dict):
-    """Import ComfyUI the way main.py does, then load custom nodes with its own loader."""
-    if "nodes" in sys.modules and not getattr(sys.modules["nodes"], "__file__", "").startswith(str(root)):
-        pytest.fail(f"a foreign `nodes` module was imported before ComfyUI: {sys.modules['nodes']}", pytrace=False)
-    sys.path.insert(0, str(root))
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0], "--cpu"]  # comfy parses sys.argv at import; without --cpu it wants CUDA
-    try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401  (parses the argv above)
-    finally:
-        sys.argv = saved_argv
-    import folder_paths
-    import utils.extra_config  # noqa: F401  (before nodes: nodes.py puts comfy/ first, whose utils.py shadows utils/)
-    folder_paths.set_output_directory(str(dirs["output"]))
-    folder_paths.set_input_directory(str(dirs["input"]))
-    folder_paths.set_temp_directory(str(dirs["temp"]))
-    folder_paths.set_user_directory(str(dirs["user"]))
-    folder_paths.add_model_folder_path("loras", str(dirs["loras"]), is_default=True)
-
-    import hook_breaker_ac10a0
-    import server
-
-    import nodes  # ComfyUI's nodes.py (its root is sys.path[0]), not this pack's nodes/
-
-    # A PromptServer instance, as under main.py: packs may register routes at import.
-    loop = asyncio.new_event_loop()
-    server.PromptServer(loop)
-    hook_breaker_ac10a0.save_functions()
-    loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    hook_breaker_ac10a0.restore_functions()
-    return nodes, loop
-
-
 @pytest.fixture(scope="session")
 def comfy_host(host_install, host_dirs) -> ComfyHost:
-    nodes, loop = _import_comfyui(host_install.comfyui, host_dirs)
+    script = _comfy_host_script()
+    try:
+        nodes, loop = script.import_in_process(host_install.comfyui, host_dirs, {"loras": host_dirs["loras"]})
+    except script.HostError as err:
+        pytest.fail(str(err), pytrace=False)
     yield ComfyHost(host_install.comfyui, nodes, host_dirs)
     loop.close()
 

@@ -1,4 +1,4 @@
-"""Finding the ComfyUI host and importing it in this process, as tests/conftest.py does.
+"""Finding the ComfyUI host and importing it in this process (scripts/comfy_host.py import_in_process, shared with the tests).
 
 The benchmark must run inside the host's venv (torch, ComfyUI's requirements). `ensure_host_python`
 installs/locates the host with scripts/comfy_host.py's install() (idempotent, seconds when nothing
@@ -6,7 +6,6 @@ changed) and re-executes the benchmark with the host's python when this interpre
 """
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 import subprocess
@@ -76,36 +75,7 @@ class Comfy:
 
 def import_comfyui(root: Path, dirs: dict[str, Path], model_folders: dict[str, Path]) -> Comfy:
     """Import ComfyUI the way main.py does (--cpu), then load custom nodes with its own loader."""
-    if "nodes" in sys.modules and not getattr(sys.modules["nodes"], "__file__", "").startswith(str(root)):
-        raise RuntimeError(f"a foreign `nodes` module was imported before ComfyUI: {sys.modules['nodes']}")
-    sys.path.insert(0, str(root))
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0], "--cpu"]  # comfy parses sys.argv at import; without --cpu it wants CUDA
-    try:
-        import comfy.options
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401
-    finally:
-        sys.argv = saved_argv
-    import folder_paths
-    import utils.extra_config  # noqa: F401  (before nodes: comfy/utils.py would shadow utils/)
-    folder_paths.set_output_directory(str(dirs["output"]))
-    folder_paths.set_input_directory(str(dirs["input"]))
-    folder_paths.set_temp_directory(str(dirs["temp"]))
-    folder_paths.set_user_directory(str(dirs["user"]))
-    for kind, path in model_folders.items():
-        folder_paths.add_model_folder_path(kind, str(path), is_default=True)
-
-    import hook_breaker_ac10a0
-    import server
-
-    import nodes
-
-    loop = asyncio.new_event_loop()
-    server.PromptServer(loop)
-    hook_breaker_ac10a0.save_functions()
-    loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    hook_breaker_ac10a0.restore_functions()
+    nodes, loop = comfy_host_script().import_in_process(root, dirs, model_folders)
     return Comfy(root, nodes, loop)
 
 
