@@ -47,7 +47,8 @@ class Adapter:
         raise NotImplementedError
 
     def low_rank(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(up [out, r], down [r, in], scale) when delta == scale * up @ down for a linear layer."""
+        """(up [out, r, ...], down [r, cols], scale) when delta == scale * up.flatten(1) @ down,
+        reshaped to the weight (linear layers, and convs whose delta has that form)."""
         return None
 
     def check_fits(self, weight_shape: torch.Size, where: str) -> None:
@@ -108,9 +109,12 @@ class LowRankAdapter(Adapter):
         return (torch.mm(up, self._down_matrix(device, dtype)) * self.scale).reshape(shape)
 
     def low_rank(self):
-        if self.roles.get("mid") is not None or self.roles["down"].dim() != 2:
+        # A conv LoRA without a Tucker mid is low-rank too: ComfyUI's delta is up.flatten(1) @
+        # down.flatten(1) reshaped to the kernel, so the flattened down is the factor.
+        if self.roles.get("mid") is not None:
             return None
-        return self.roles["up"], self.roles["down"], self.scale
+        down = self.roles["down"]
+        return self.roles["up"], (down if down.dim() == 2 else down.flatten(start_dim=1)), self.scale
 
 
 @dataclass(eq=False)

@@ -1,4 +1,4 @@
-"""Finding the ComfyUI host and importing it in this process (scripts/comfy_host.py import_in_process, shared with the tests).
+"""Finding the ComfyUI host and importing it in this process (scripts/comfy_host.py: import_in_process).
 
 The benchmark must run inside the host's venv (torch, ComfyUI's requirements). `ensure_host_python`
 installs/locates the host with scripts/comfy_host.py's install() (idempotent, seconds when nothing

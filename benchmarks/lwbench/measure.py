@@ -241,3 +241,36 @@ class QuietGate:
         s = sorted(self.samples)
         return {"limit": self.limit, "waited_s": round(self.waited, 1), "reps_gated": len(s),
                 "others_busy_median": s[len(s) // 2] if s else None, "others_busy_max": s[-1] if s else None}
+
+
+class PatchBreakdown:
+    """Where ComfyUI's weight patching spends its time, by wrapping two of its functions meanwhile:
+    `copy`: comfy.model_management.cast_to_device, the fresh copy of each weight ComfyUI makes before
+    any patch runs (core's cost, paid the same by every LoRA implementation); `math`:
+    comfy.lora.calculate_weight, the LoRA arithmetic itself (ours or core's). The rest is ComfyUI's
+    bookkeeping (backups, setting parameters, walking modules)."""
+
+    def __init__(self):
+        self.copy = self.math = 0.0
+
+    def __enter__(self):
+        import comfy.lora
+        import comfy.model_management as mm
+        self._saved = [(mm, "cast_to_device", mm.cast_to_device),
+                       (comfy.lora, "calculate_weight", comfy.lora.calculate_weight)]
+        for module, name, fn in self._saved:
+            setattr(module, name, self._timed(fn, "copy" if name == "cast_to_device" else "math"))
+        return self
+
+    def _timed(self, fn, field: str):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(self, field, getattr(self, field) + time.perf_counter() - t0)
+        return timed
+
+    def __exit__(self, *exc):
+        for module, name, fn in self._saved:
+            setattr(module, name, fn)

@@ -66,8 +66,8 @@ def stack_rows(stack_results: dict, cases: dict, floor: dict) -> list[dict]:
                                    f" + {core['apply']['patch']['median']:.3f}); ratio of minima {ratio['min']:.3f}; "
                                    + (f"floor {fl['lower_bound_s']:.3f} s, ours/floor median "
                                       f"{ours_t['median'] / fl['lower_bound_s']:.2f}, min "
-                                      f"{ours_t['min'] / fl['lower_bound_s']:.2f}" if not bypass else
-                                      "bypass writes no weight"))))
+                                      f"{ours_t['min'] / fl['lower_bound_s']:.2f}" + _patch_parts(res, core, fl)
+                                      if not bypass else "bypass writes no weight"))))
             # strength change
             ours_s, core_s = res["strength"]["total"], core["strength"]["total"]
             ratio = _paired(ours_s["values"], core_s["values"])
@@ -93,6 +93,16 @@ def stack_rows(stack_results: dict, cases: dict, floor: dict) -> list[dict]:
                              note=f"strength change: ours {res['memory']['strength_peak_rss'] / MIB:.0f} MiB, core "
                                   f"{core['memory']['strength_peak_rss'] / MIB:.0f} MiB"))
     return rows
+
+
+def _patch_parts(res: dict, core: dict, fl: dict) -> str:
+    """Inside the patch: ComfyUI's copy of every weight, and the LoRA math (ours vs core's)."""
+    if "patch_lora_math" not in res["apply"]:
+        return ""
+    copy, math_ = res["apply"]["patch_core_copy"]["median"], res["apply"]["patch_lora_math"]["median"]
+    return (f"; inside the patch: ComfyUI's weight copies {copy:.3f} s (core's run "
+            f"{core['apply']['patch_core_copy']['median']:.3f} s), LoRA math ours {math_:.3f} s vs core "
+            f"{core['apply']['patch_lora_math']['median']:.3f} s, ours/floor {math_ / fl['lower_bound_s']:.2f}")
 
 
 def forward_rows(res: dict) -> list[dict]:

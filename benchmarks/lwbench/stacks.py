@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .measure import PeakRSS, settle
+from .measure import PatchBreakdown, PeakRSS, settle
 
 CORE, OURS_CHAIN, OURS_STACK, OURS_CHAIN_BYPASS, OURS_STACK_BYPASS = (
     "core LoraLoaderModelOnly chain", "ours LoadLoRA chain (merge)", "ours StackLoRA (merge)",
@@ -107,13 +107,14 @@ def cycle(hub, impl: str, base, names: list[str], rep: int, trim: bool = False) 
     with torch.inference_mode():
         _load(base)
         settle(trim)
-        with PeakRSS() as peak:
+        with PeakRSS() as peak, PatchBreakdown() as parts:
             t0 = time.perf_counter()
             model = stacker.run(strengths)
             t1 = time.perf_counter()
             _load(model)
             t2 = time.perf_counter()
-        out["apply"] = {"node": t1 - t0, "patch": t2 - t1, "total": t2 - t0, "peak_rss": peak.delta}
+        out["apply"] = {"node": t1 - t0, "patch": t2 - t1, "total": t2 - t0, "peak_rss": peak.delta,
+                        "patch_core_copy": parts.copy, "patch_lora_math": parts.math}
 
         strengths[stacker.changed] = STRENGTHS[1] if rep % 2 == 0 else 0.6
         start = stacker.changed if impl not in (OURS_STACK, OURS_STACK_BYPASS) else 0

@@ -141,3 +141,37 @@ def test_unknown_algorithm_modules_are_kept_for_the_host_not_dropped():
                        "junk_without_suffix": torch.zeros(1)}, "mixed")
     assert set(lora.foreign) == {"m", "n"} and lora.unrecognised == ["junk_without_suffix"]
     assert math.isclose(len(lora.adapters), 0)
+
+
+@pytest.mark.parametrize("kernel,mid", [((1, 1), False), ((3, 3), False), ((3, 3), True)])
+def test_conv_loras_patch_like_comfyui_and_measure_from_their_factors(kernel, mid):
+    """Conv LoRAs (proj_in/out 1x1, LoCon 3x3, with or without a Tucker mid): the merge patch equals
+    ComfyUI's formula (up.flatten(1) @ down.flatten(1), reshaped to the kernel, x alpha/rank), and
+    their Frobenius norms and products come from the factors like linear ones."""
+    from lora_core import frobenius
+    g = torch.Generator().manual_seed(7)
+    kh, kw = kernel
+    sd = {"c.lora_up.weight": torch.randn(8, 4, 1, 1, generator=g), "c.alpha": torch.tensor(2.0)}
+    if mid:
+        sd |= {"c.lora_down.weight": torch.randn(4, 6, 1, 1, generator=g),
+               "c.lora_mid.weight": torch.randn(4, 4, kh, kw, generator=g)}
+    else:
+        sd["c.lora_down.weight"] = torch.randn(4, 6, kh, kw, generator=g)
+    adapter = parse_lora(sd, "conv").adapters["c"]
+    other = parse_lora({"c.lora_up.weight": torch.randn(8, 3, 1, 1, generator=g),
+                        "c.lora_down.weight": torch.randn(3, 6, kh, kw, generator=g)}, "other").adapters["c"]
+    weight = torch.randn(8, 6, kh, kw, generator=g)
+    shape = weight.shape
+    if mid:
+        expected = adapter.delta(shape, "cpu")  # ComfyUI's LoCon contraction (see adapters)
+    else:
+        expected = (sd["c.lora_up.weight"].flatten(1) @ sd["c.lora_down.weight"].flatten(1)).reshape(shape) * 0.5
+    terms = [Term(adapter, 0.8), Term(other, -0.3)]
+    got = apply_terms(weight.clone(), terms) - weight
+    want = 0.8 * expected - 0.3 * other.delta(shape, "cpu")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (adapter.low_rank() is None) == mid
+    dense = want.double().flatten()
+    assert frobenius.terms_norm(terms) == pytest.approx(float(dense.norm()), rel=1e-6)
+    assert frobenius.terms_inner(terms[:1], terms[1:]) == pytest.approx(
+        float((0.8 * expected).double().flatten() @ (-0.3 * other.delta(shape, "cpu")).double().flatten()), rel=1e-6)
