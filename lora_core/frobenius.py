@@ -113,7 +113,9 @@ def adapter_inner(a: Adapter, b: Adapter) -> float | None:
     the other's id and checked against a weak reference (an id can be reused once freed)."""
     if id(a) > id(b):  # symmetric: one entry per unordered pair
         a, b = b, a
-    memo = a.__dict__.setdefault("_lw_pair_dots", {})
+    memo = a.__dict__.get("_lw_pair_dots")
+    if memo is None:
+        memo = a.__dict__["_lw_pair_dots"] = {}
     hit = memo.get(id(b))
     if hit is not None and hit[0]() is b:
         return hit[1]

@@ -47,20 +47,19 @@ def pair_cosines(layers_by_lora: Mapping[str, Mapping[Target, TermsOrTerm]]) -> 
         targets.update(dict.fromkeys(layers_by_lora[name]))
     overlaps: list[LayerOverlap] = []
     for target in targets:
-        terms = {}
+        present = []
         for n in names:
             value = layers_by_lora[n].get(target)
             if value:
-                terms[n] = _as_terms(value)
-        if len(terms) < 2:
+                present.append((n, _as_terms(value)))
+        if len(present) < 2:
             continue
-        present = list(terms)
-        norms = {n: frobenius.terms_norm(t) for n, t in terms.items()}
-        for i, a in enumerate(present):
-            for b in present[i + 1:]:
-                dot = frobenius.terms_inner(terms[a], terms[b])
-                cos = _cosine(dot, norms[a], norms[b])
-                overlaps.append(LayerOverlap(target, a, b, cos, dot, norms[a], norms[b]))
+        norms = [frobenius.terms_norm(terms) for _, terms in present]
+        for i, (a, terms_a) in enumerate(present):
+            for j in range(i + 1, len(present)):
+                b, terms_b = present[j]
+                dot = frobenius.terms_inner(terms_a, terms_b)
+                overlaps.append(LayerOverlap(target, a, b, _cosine(dot, norms[i], norms[j]), dot, norms[i], norms[j]))
     return overlaps
 
 
