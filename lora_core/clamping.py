@@ -147,9 +147,9 @@ def _fit_budget(rows: list[EffectiveStrength], part: str, budget: float) -> None
 def layer_change_ratio(weight: torch.Tensor, terms: Sequence[Term], weight_norm: float | None = None) -> float:
     """||sum_i s_i dW_i||_F / ||W||_F for `weight` (the target's own slice for fused layers).
 
-    Plain LoRA terms are measured from their factors (see frobenius); LoHa/LoKr/conv terms
-    fall back to a dense delta. A DoRA term's change depends on W, so such layers are
-    measured by applying the terms to an fp32 copy of W. A zero W gives inf (0 if no change).
+    Plain LoRA terms (linear or conv) are measured from their factors (see frobenius); LoHa,
+    LoKr and Tucker-mid LoCon terms fall back to a dense delta. A DoRA term's change depends
+    on W, so such layers are measured by applying the terms to an fp32 copy of W. A zero W gives inf (0 if no change).
     `weight_norm`: ||W||_F when the caller knows it (it reads the whole weight otherwise).
     """
     if not terms:

@@ -2,7 +2,7 @@
 
 For a layer's terms, the combined change is L + X with L = U D, U = [s_1 c_1 B_1, ...]
 (rows x R) and D = [A_1; ...] (R x cols), and X the dense sum of the terms that have no
-low-rank form (LoHa, LoKr, conv LoCon). Then, without ever forming U D:
+low-rank form (LoHa, LoKr, LoCon with a Tucker mid). Then, without ever forming U D:
 
     <U_a D_a, U_b D_b>_F = trace((U_a^T U_b)(D_b D_a^T)) = sum((U_a^T U_b) * (D_a D_b^T))
     <U D, X>_F           = sum((U^T X) * D)
@@ -60,7 +60,7 @@ def factor_terms(terms: Sequence[Term]) -> FactoredDelta:
             ups.append(up.to(device=device, dtype=torch.float64).flatten(start_dim=1) * (s * float(scale)))
             downs.append(down.to(device=device, dtype=torch.float64))
             continue
-        # Dense fallback: LoHa/LoKr/conv have no (up, down) pair to contract.
+        # Dense fallback: LoHa/LoKr/Tucker LoCon have no (up, down) pair to contract.
         delta = term.adapter.delta(torch.Size(shape), device, torch.float32)
         dense = delta.mul_(s) if dense is None else dense.add_(delta, alpha=s)
     out = FactoredDelta(shape=shape, dense=dense)
@@ -104,7 +104,6 @@ def _low_rank_dot_dense(up: torch.Tensor, down: torch.Tensor, dense: torch.Tenso
 def norm(a: FactoredDelta) -> float:
     """||delta||_F; rounding can make the fp64 square a hair negative when terms cancel."""
     return math.sqrt(max(inner(a, a), 0.0))
-
 
 
 def adapter_inner(a: Adapter, b: Adapter) -> float | None:

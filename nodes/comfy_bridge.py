@@ -89,20 +89,31 @@ _MATCH_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, tuple]]" =
 
 def match_on_host(lora: LoRA, model=None, clip=None, allow_partial: bool = False) -> MatchResult:
     """match_lora against the connected MODEL/CLIP; memoised while the LoRA and the modules live."""
-    modules = (None if model is None else model.model, None if clip is None else clip.cond_stage_model)
-    anchor = modules[0] if modules[0] is not None else modules[1]
+    model_module = None if model is None else model.model
+    clip_module = None if clip is None else clip.cond_stage_model
+    anchor = model_module if model_module is not None else clip_module
     if anchor is None:
         return _match(lora, model, clip, allow_partial)
     memo = _MATCH_CACHE.setdefault(anchor, {})
-    key = (id(lora), id(modules[1]), allow_partial)
+    key = (id(lora), id(clip_module), allow_partial)
     hit = memo.get(key)
-    if hit is not None and hit[0]() is lora and hit[1]() is modules[1]:
+    if hit is not None and _alive(hit) and hit[0]() is lora and _deref(hit[1]) is clip_module:
         return hit[2]
     result = _match(lora, model, clip, allow_partial)
-    for stale in [k for k, v in memo.items() if v[0]() is None or v[1]() is None and k[1] != id(None)]:
+    for stale in [k for k, entry in memo.items() if not _alive(entry)]:
         del memo[stale]
-    memo[key] = (weakref.ref(lora), (lambda: None) if modules[1] is None else weakref.ref(modules[1]), result)
+    memo[key] = (weakref.ref(lora), None if clip_module is None else weakref.ref(clip_module), result)
     return result
+
+
+def _deref(ref):
+    return None if ref is None else ref()
+
+
+def _alive(entry) -> bool:
+    """A memo entry whose LoRA (and CLIP, where one was connected) still exist."""
+    lora_ref, clip_ref, _ = entry
+    return lora_ref() is not None and (clip_ref is None or clip_ref() is not None)
 
 
 def _match(lora: LoRA, model, clip, allow_partial: bool) -> MatchResult:
