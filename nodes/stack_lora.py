@@ -19,6 +19,7 @@ from ..lora_core.clamping import (
 )
 from ..lora_core.heatmap import render_heatmap
 from ..lora_core.interference import block_table, by_lora, decorrelate, pair_cosines, plan_named, top_overlaps
+from ..lora_core.stack_analysis import analyse, stack_shape
 from .comfy_bridge import MERGE, MODES, apply_layers, base_weight, base_weight_norms, match_on_host
 from .lora_files import load_named_lora
 from .lora_rows import all_row_inputs, collect_rows, rows_fingerprint
@@ -89,15 +90,8 @@ class StackLoRA(io.ComfyNode):
         effective = clamp_strengths(entries, settings)
         applied = [(e.name, match, e.effective_model, e.effective_clip)
                    for (match, _), e in zip(loaded, effective) if match is not None]
-        layers, names = plan_named(applied)
-        overlaps = pair_cosines(by_lora(layers, names))
-        decorrelated = []
-        if decorrelate and layers:
-            layers, decorrelated = decorrelate_layers(layers, names, overlaps)
-        capped = []
-        if use_layer_cap and layers:
-            layers, capped = cap_layers(layers, lambda t: base_weight(model, clip, t), layer_cap,
-                                        base_weight_norms(model, clip))
+        layers, overlaps, decorrelated, capped = _analyse(applied, model, clip, decorrelate,
+                                                          layer_cap if use_layer_cap else None)
         foreign = [(t, core_name, tensors, strength_model if t.component == "model" else strength_clip)
                    for _, match, strength_model, strength_clip in applied
                    for t, (core_name, tensors) in match.foreign.items()]
@@ -115,7 +109,25 @@ class StackLoRA(io.ComfyNode):
                                                    e.requested_clip, e.effective_clip] for e in effective]})
 
 
-decorrelate_layers = decorrelate  # the node's boolean input shadows the function's name inside execute
+def _analyse(applied, model, clip, decorrelate: bool, layer_cap: float | None):
+    """Plan the stack, measure its overlaps, then decorrelate and cap layers as asked. Stacks of plain
+    LoRAs take the memoised fast path (lora_core.stack_analysis); others the general functions."""
+    norms = base_weight_norms(model, clip)
+    shape = stack_shape([(name, match) for name, match, _, _ in applied])
+    if shape is not None:
+        fast = analyse(shape, [(sm, sc) for _, _, sm, sc in applied], decorrelate, layer_cap, norms)
+        return fast.layers, fast.overlaps, fast.decorrelated, fast.capped
+    layers, names = plan_named(applied)
+    overlaps = pair_cosines(by_lora(layers, names))
+    decorrelated, capped = [], []
+    if decorrelate and layers:
+        layers, decorrelated = decorrelate_layers(layers, names, overlaps)
+    if layer_cap is not None and layers:
+        layers, capped = cap_layers(layers, lambda t: base_weight(model, clip, t), layer_cap, norms)
+    return layers, overlaps, decorrelated, capped
+
+
+decorrelate_layers = decorrelate  # the node's boolean input shadows the function's name in _analyse
 
 
 def _load_rows(requested, model, clip, problems: list[str]) -> tuple[list, list[StackEntry]]:

@@ -403,3 +403,70 @@ def test_heatmap_wraps_many_blocks_and_checks_its_table():
         render_heatmap(["a x b"], cols, [[0.1] * 59])
     empty = render_heatmap([], [], [])
     assert empty.shape[0] == 1 and empty.shape[3] == 3
+
+
+# ---------------------------------------------------------------- the fast stack analysis
+
+STACK_KEYS = {"lora_unet_q": "diffusion_model.input_blocks.1.1.q.weight",
+              "lora_unet_k": "diffusion_model.input_blocks.1.1.k.weight",
+              "lora_unet_v": "diffusion_model.middle_block.1.v.weight",
+              "lora_te_q": "clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"}
+
+
+def _stack_matches():
+    from lora_core import match_lora
+    host = {key: torch.Size((24, 16)) for key in STACK_KEYS.values()}
+    covers = {"a": ["lora_unet_q", "lora_unet_k", "lora_unet_v", "lora_te_q"], "b": ["lora_unet_k", "lora_unet_q"],
+              "c": ["lora_unet_v", "lora_unet_q", "lora_te_q"], "d": ["lora_unet_k", "lora_te_q"]}
+    out = []
+    for seed, (name, modules) in enumerate(covers.items()):
+        lora = make_lora(90 + seed, rank=2 + seed, alpha=2.0, shapes={m: (24, 16) for m in modules}, name=name)
+        out.append((f"row {seed + 1}: {name}", match_lora(lora, STACK_KEYS, host, {"model", "clip"})))
+    return out
+
+
+@pytest.mark.parametrize("decor", [False, True])
+@pytest.mark.parametrize("strengths", [
+    [(1.0, 1.0), (0.8, -0.5), (-0.6, 0.7), (0.4, 0.0)],
+    [(0.0, 0.9), (0.7, 0.7), (0.7, -0.7), (-1.0, 0.3)],  # row 1 off on MODEL: other layers come first
+])
+def test_stack_analysis_equals_the_general_functions(decor, strengths):
+    """Stack LoRA's fast path gives what plan_named + pair_cosines + decorrelate + cap_layers give:
+    the same terms, names, overlaps, decorrelation and capped layers, in the same orders."""
+    from lora_core.stack_analysis import analyse, stack_shape
+    entries = _stack_matches()
+    norms = {t: 0.02 + 0.5 * i for i, t in enumerate(Target(k) for k in STACK_KEYS.values())}
+    applied = [(name, match, sm, sc) for (name, match), (sm, sc) in zip(entries, strengths)]
+    layers, names = plan_named(applied)
+    overlaps = pair_cosines(by_lora(layers, names))
+    decorrelated = []
+    if decor:
+        layers, decorrelated = decorrelate(layers, names, overlaps)
+    layers, capped = cap_layers(layers, {}, 0.3, weight_norms=norms.get)
+
+    shape = stack_shape(entries)
+    assert shape is not None and stack_shape(entries) is shape  # memoised per composition
+    fast = analyse(shape, strengths, decorrelate=decor, cap=0.3, weight_norms=norms.get)
+    assert list(fast.layers) == list(layers) and fast.names == names
+    for target, terms in layers.items():
+        assert [t.adapter for t in fast.layers[target]] == [t.adapter for t in terms]
+        assert [t.strength for t in fast.layers[target]] == pytest.approx([t.strength for t in terms], rel=1e-12)
+    assert [o[:3] for o in fast.overlaps] == [o[:3] for o in overlaps]
+    assert [v for o in fast.overlaps for v in o[3:]] == pytest.approx([v for o in overlaps for v in o[3:]],
+                                                                     rel=1e-12)
+    assert fast.decorrelated == decorrelated
+    assert [(c.target, c.ratio_after) for c in fast.capped] == [(c.target, c.ratio_after) for c in capped]
+    assert [c.ratio_before for c in fast.capped] == pytest.approx([c.ratio_before for c in capped], rel=1e-12)
+    assert capped and (decorrelated or not decor)  # the cases exercise both rules
+
+
+def test_stack_analysis_declines_stacks_outside_its_form():
+    from lora_core.stack_analysis import stack_shape
+    entries = _stack_matches()
+    loha_match = entries[0][1]
+    patch = loha_match.patches[0]
+    import dataclasses
+    odd = dataclasses.replace(loha_match, patches=[dataclasses.replace(patch, adapter=make_loha(5))])
+    assert stack_shape([entries[1], ("row 9: loha", odd)]) is None
+    twice = dataclasses.replace(loha_match, patches=[patch, patch])
+    assert stack_shape([("row 9: twice", twice)]) is None

@@ -85,3 +85,25 @@ def sampler_prompt(lora_nodes: dict | None = None, seed: int = 3, steps: int = 3
                                                    "positive": ["3", 0], "negative": ["4", 0],
                                                    "latent_image": ["5", 0], "denoise": 1.0}},
     }
+
+
+def lycoris_state_dict(model, kind: str, seed: int) -> dict:
+    """A LoHa, LoKr or DoRA file (kohya names) over the attention linears of a loaded MODEL."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, (rows, cols) in attention_targets(model).items():
+        n = kohya_name(key)
+        if kind == "loha":
+            for w in ("w1", "w2"):
+                sd[f"{n}.hada_{w}_a"] = torch.randn(rows, 2, generator=g) * 0.2
+                sd[f"{n}.hada_{w}_b"] = torch.randn(2, cols, generator=g) * 0.2
+        elif kind == "lokr":
+            sd[f"{n}.lokr_w1"] = torch.randn(2, 2, generator=g) * 0.2
+            sd[f"{n}.lokr_w2_a"] = torch.randn(rows // 2, 2, generator=g) * 0.2
+            sd[f"{n}.lokr_w2_b"] = torch.randn(2, cols // 2, generator=g) * 0.2
+        else:  # dora
+            sd[f"{n}.lora_up.weight"] = torch.randn(rows, 2, generator=g) * 0.2
+            sd[f"{n}.lora_down.weight"] = torch.randn(2, cols, generator=g) * 0.2
+            sd[f"{n}.dora_scale"] = torch.rand(rows, 1, generator=g) + 0.5
+        sd[f"{n}.alpha"] = torch.tensor(1.0)
+    return sd

@@ -9,6 +9,7 @@ from lora_fixtures import (
     clip_targets,
     kohya_factors,
     kohya_name,
+    lycoris_state_dict,
     max_relative_error,
     patched_weights,
     sampler_prompt,
@@ -56,31 +57,10 @@ def test_each_low_rank_layout_matches_core_on_unet_and_clip(comfy_host, sd15, lo
     assert f"clip: {len(clip_keys)} matched, 0 unmatched" in report
 
 
-def _lycoris_sd(model, kind, seed):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, (rows, cols) in attention_targets(model).items():
-        n = kohya_name(key)
-        if kind == "loha":
-            for w in ("w1", "w2"):
-                sd[f"{n}.hada_{w}_a"] = torch.randn(rows, 2, generator=g) * 0.2
-                sd[f"{n}.hada_{w}_b"] = torch.randn(2, cols, generator=g) * 0.2
-        elif kind == "lokr":
-            sd[f"{n}.lokr_w1"] = torch.randn(2, 2, generator=g) * 0.2
-            sd[f"{n}.lokr_w2_a"] = torch.randn(rows // 2, 2, generator=g) * 0.2
-            sd[f"{n}.lokr_w2_b"] = torch.randn(2, cols // 2, generator=g) * 0.2
-        else:  # dora
-            sd[f"{n}.lora_up.weight"] = torch.randn(rows, 2, generator=g) * 0.2
-            sd[f"{n}.lora_down.weight"] = torch.randn(2, cols, generator=g) * 0.2
-            sd[f"{n}.dora_scale"] = torch.rand(rows, 1, generator=g) + 0.5
-        sd[f"{n}.alpha"] = torch.tensor(1.0)
-    return sd
-
-
 @pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
 def test_lycoris_and_dora_match_core(comfy_host, sd15, load_node, kind):
     model, clip = sd15
-    name = save_lora(comfy_host.loras_dir, f"parity_{kind}.safetensors", _lycoris_sd(model, kind, seed=3))
+    name = save_lora(comfy_host.loras_dir, f"parity_{kind}.safetensors", lycoris_state_dict(model, kind, seed=3))
     m, _, lora, report = ours(load_node, name, model, None, s_model=0.7)
     cm, _ = core(comfy_host, name, model, None, s_model=0.7)
     assert_parity(m, cm, list(attention_targets(model)))

@@ -7,6 +7,7 @@ from lora_fixtures import (
     SD15,
     attention_targets,
     kohya_factors,
+    lycoris_state_dict,
     max_relative_error,
     patched_weights,
     sampler_prompt,
@@ -111,6 +112,33 @@ def test_layer_cap_scales_only_the_layers_over_it(comfy_host, sd15, three_loras)
     for key in attention_targets(model):
         ratio = float((patched[key] - base[key]).norm() / base[key].norm())
         assert ratio <= 0.05 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("decorrelate", [False, True])
+def test_fast_analysis_and_general_functions_give_the_same_model(comfy_host, sd15, three_loras, monkeypatch,
+                                                                 decorrelate):
+    """Plain LoRAs take the memoised fast path; forcing the general functions changes nothing."""
+    model, clip = sd15
+    rows = _rows([(three_loras[0], 0.9, 0.5, True), (three_loras[1], -0.7, 0.4, True),
+                  (three_loras[2], 0.8, 0.0, True)])
+    settings = {"use_layer_cap": True, "layer_cap": 0.04, "decorrelate": decorrelate}
+    fast_model, fast_clip, _, fast_report, _ = stack(comfy_host, model, clip, rows, **settings)
+    monkeypatch.setattr(comfy_host.pack.nodes.stack_lora, "stack_shape", lambda entries: None)
+    slow_model, slow_clip, _, slow_report, _ = stack(comfy_host, model, clip, rows, **settings)
+    assert "layer cap touched" in fast_report and fast_report == slow_report
+    keys = list(attention_targets(model))
+    assert max_relative_error(patched_weights(fast_model), patched_weights(slow_model), keys) < 1e-12
+
+
+def test_a_stack_with_a_loha_row_takes_the_general_path_and_is_capped(comfy_host, sd15, three_loras):
+    model, clip = sd15
+    loha = save_lora(comfy_host.loras_dir, "stack_loha.safetensors", lycoris_state_dict(model, "loha", 7))
+    rows = _rows([(three_loras[0], 1.0, 0.0, True), (loha, 1.0, 0.0, True)])
+    m, _, _, report, _ = stack(comfy_host, model, clip, rows, use_layer_cap=True, layer_cap=0.05, use_budget=False)
+    assert "layer cap touched" in report
+    base, patched = patched_weights(model), patched_weights(m)
+    ratios = [float((patched[k] - base[k]).norm() / base[k].norm()) for k in attention_targets(model)]
+    assert max(ratios) == pytest.approx(0.05, rel=1e-3)
 
 
 def _sample_prompt(stack_inputs, seed=3):

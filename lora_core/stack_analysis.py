@@ -1,0 +1,207 @@
+"""Stack LoRA's per-layer analysis at any strengths, from parts that do not depend on them.
+
+When every LoRA of a stack puts at most one plain low-rank term on a layer, all the analysis
+needs follows from each layer's Gram matrix G_ab = <dW_a, dW_b>_F at strength 1:
+dot_ab = s_a s_b G_ab, ||s_a dW_a||_F = |s_a| sqrt(G_aa), ||sum_a s_a dW_a||_F^2 = s^T G s.
+`stack_shape` gathers those per layer once per stack composition (memoised while the match
+results live); `analyse` turns strengths into what plan_named + pair_cosines + decorrelate +
+cap_layers give for the same stack (same orders, same sums), with plain float arithmetic per
+layer instead of a pass over factors. A strength change then re-reads no tensor at all.
+
+Stacks outside that form (DoRA, LoHa/LoKr, Tucker LoCon, two terms of one LoRA on a layer) get
+None from `stack_shape`; the caller takes the general functions.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .adapters import Adapter
+from .clamping import CappedLayer
+from .frobenius import adapter_inner
+from .interference import Decorrelated, LayerOverlap, _cosine
+from .matching import MODEL, MatchResult, Target
+from .weight_patch import Term
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    target: Target
+    members: tuple[int, ...]  # stack indices of the LoRAs patching this layer, in stack order
+    adapters: tuple[Adapter, ...]
+    gram: tuple[tuple[float, ...], ...]  # <dW_a, dW_b>_F at strength 1, members x members
+
+
+@dataclass(frozen=True)
+class StackShape:
+    names: tuple[str, ...]
+    layers: tuple[LayerShape, ...]  # in first appearance over the stack
+    per_lora: tuple[tuple[int, ...], ...]  # each LoRA's layers (indices into layers), in its patch order
+
+
+@dataclass
+class StackAnalysis:
+    layers: dict[Target, list[Term]]
+    names: dict[Target, list[str]]
+    overlaps: list[LayerOverlap]
+    decorrelated: list[Decorrelated]
+    capped: list[CappedLayer]
+
+
+_SHAPES: "OrderedDict[tuple, tuple[list, StackShape | None]]" = OrderedDict()
+_SHAPES_KEPT = 8
+
+
+def stack_shape(entries: Sequence[tuple[str, MatchResult]]) -> StackShape | None:
+    """The strength-independent part of a stack of (name, match result); None outside the fast form."""
+    key = tuple((name, id(match)) for name, match in entries)
+    hit = _SHAPES.get(key)
+    if hit is not None and all(ref() is match for ref, (_, match) in zip(hit[0], entries)):
+        _SHAPES.move_to_end(key)
+        return hit[1]
+    shape = _build(entries)
+    _SHAPES[key] = ([weakref.ref(match) for _, match in entries], shape)
+    while len(_SHAPES) > _SHAPES_KEPT:
+        _SHAPES.popitem(last=False)
+    return shape
+
+
+def _build(entries: Sequence[tuple[str, MatchResult]]) -> StackShape | None:
+    members: dict[Target, list[tuple[int, Adapter]]] = {}
+    per_lora: list[dict[Target, None]] = []
+    for index, (_, match) in enumerate(entries):
+        targets: dict[Target, None] = {}
+        for patch in match.patches:
+            adapter = patch.adapter
+            if patch.target in targets or adapter.dora_scale is not None or adapter.low_rank() is None:
+                return None
+            targets[patch.target] = None
+            members.setdefault(patch.target, []).append((index, adapter))
+        per_lora.append(targets)
+    layers, where = [], {}
+    for target, present in members.items():
+        adapters = tuple(a for _, a in present)
+        gram = tuple(tuple(adapter_inner(a, b) for b in adapters) for a in adapters)
+        where[target] = len(layers)
+        layers.append(LayerShape(target, tuple(i for i, _ in present), adapters, gram))
+    return StackShape(tuple(name for name, _ in entries), tuple(layers),
+                      tuple(tuple(where[t] for t in targets) for targets in per_lora))
+
+
+def analyse(shape: StackShape, strengths: Sequence[tuple[float, float]], decorrelate: bool = False,
+            cap: float | None = None, weight_norms: Callable[[Target], float] | None = None) -> StackAnalysis:
+    """Plan, pair overlaps, optional decorrelation and optional layer cap at (model, clip) strengths per
+    LoRA; `weight_norms` gives ||W||_F per target and is needed with `cap`."""
+    names = shape.names
+    layers: dict[Target, list[Term]] = {}
+    labels: dict[Target, list[str]] = {}
+    active: list[tuple[LayerShape, list[int], list[float]]] = []  # positions in the layer and strengths
+    for layer in _plan_order(shape, strengths):
+        part = 0 if layer.target.component == MODEL else 1
+        pos = [k for k, i in enumerate(layer.members) if strengths[i][part] != 0.0]
+        if not pos:
+            continue
+        s = [float(strengths[layer.members[k]][part]) for k in pos]
+        layers[layer.target] = [Term(layer.adapters[k], v) for k, v in zip(pos, s)]
+        labels[layer.target] = [names[layer.members[k]] for k in pos]
+        active.append((layer, pos, s))
+    overlaps, cosines = _overlaps(active, names)
+    decorrelated: list[Decorrelated] = []
+    if decorrelate:
+        decorrelated = _decorrelate(active, names, cosines, layers)
+    capped: list[CappedLayer] = []
+    if cap is not None:
+        capped = _cap(active, layers, cap, weight_norms)
+    return StackAnalysis(layers, labels, overlaps, decorrelated, capped)
+
+
+def _plan_order(shape: StackShape, strengths) -> list[LayerShape]:
+    """Layers as plan_layers meets them: LoRA by LoRA in patch order, skipping zero strengths."""
+    seen: dict[int, None] = {}
+    for i, indices in enumerate(shape.per_lora):
+        for li in indices:
+            if li not in seen and strengths[i][0 if shape.layers[li].target.component == MODEL else 1] != 0.0:
+                seen[li] = None
+    return [shape.layers[li] for li in seen]
+
+
+def _overlaps(active, names) -> tuple[list[LayerOverlap], dict]:
+    """pair_cosines(by_lora(...)): LoRAs ordered by first appearance over the planned layers, layers
+    ordered LoRA by LoRA, pairs in that LoRA order. Also the cosines by (layer, position, position)."""
+    rank: dict[int, int] = {}  # stack index -> order of first appearance
+    by_rank: dict[int, list[int]] = {}
+    for n, (layer, pos, _) in enumerate(active):
+        for k in pos:
+            i = layer.members[k]
+            r = rank.get(i)
+            if r is None:
+                r = rank[i] = len(rank)
+            by_rank.setdefault(r, []).append(n)
+    visit: dict[int, None] = {}
+    for r in sorted(by_rank):
+        visit.update(dict.fromkeys(by_rank[r]))
+    overlaps, cosines = [], {}
+    for n in visit:
+        layer, pos, s = active[n]
+        if len(pos) < 2:
+            continue
+        ranks = [rank[layer.members[k]] for k in pos]
+        ranked = range(len(pos)) if ranks == sorted(ranks) else sorted(range(len(pos)), key=ranks.__getitem__)
+        gram, target, members = layer.gram, layer.target, layer.members
+        norms = [math.sqrt(max(s[q] * s[q] * gram[pos[q]][pos[q]], 0.0)) for q in range(len(pos))]
+        for x, qa in enumerate(ranked):
+            row, name_a = gram[pos[qa]], names[members[pos[qa]]]
+            for qb in ranked[x + 1:]:
+                dot = s[qa] * s[qb] * row[pos[qb]]
+                cos = _cosine(dot, norms[qa], norms[qb])
+                overlaps.append(LayerOverlap(target, name_a, names[members[pos[qb]]], cos, dot, norms[qa], norms[qb]))
+                cosines[(n, qa, qb)] = cosines[(n, qb, qa)] = cos
+    return overlaps, cosines
+
+
+def _decorrelate(active, names, cosines, layers) -> list[Decorrelated]:
+    """decorrelate(): each LoRA's strength on a layer divided by 1 + its positive cosines there."""
+    scaled = []
+    for n, (layer, pos, s) in enumerate(active):
+        if len(pos) < 2:
+            continue
+        overlap = [0.0] * len(pos)
+        for qa in range(len(pos)):
+            for qb in range(qa + 1, len(pos)):
+                cos = cosines[(n, qa, qb)]
+                if cos > 0.0:
+                    overlap[qa] += cos
+                    overlap[qb] += cos
+        factors = [1.0 / (1.0 + o) for o in overlap]
+        if all(f == 1.0 for f in factors):
+            continue
+        for q, f in enumerate(factors):
+            if f != 1.0:
+                s[q] = s[q] * f
+                scaled.append(Decorrelated(layer.target, names[layer.members[pos[q]]], f, overlap[q]))
+        layers[layer.target] = [Term(layer.adapters[k], v) for k, v in zip(pos, s)]
+    return scaled
+
+
+def _cap(active, layers, cap: float, weight_norms) -> list[CappedLayer]:
+    """cap_layers() with known weight norms: the combined change is sqrt(s^T G s)."""
+    if weight_norms is None:
+        raise ValueError("the layer cap needs the weights' norms (weight_norms)")
+    capped = []
+    for layer, pos, s in active:
+        total = 0.0
+        for qa, ka in enumerate(pos):
+            row = layer.gram[ka]
+            for qb, kb in enumerate(pos):
+                total += s[qa] * s[qb] * row[kb]
+        change, norm = math.sqrt(max(total, 0.0)), weight_norms(layer.target)
+        before = (math.inf if change > 0.0 else 0.0) if norm == 0.0 else change / norm
+        if not before > cap or math.isinf(before):
+            continue
+        factor = cap / before
+        layers[layer.target] = [Term(layer.adapters[k], v * factor) for k, v in zip(pos, s)]
+        capped.append(CappedLayer(layer.target, before, cap, factor))
+    return capped
