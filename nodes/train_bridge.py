@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import sys
+import weakref
 
 import comfy.model_management as mm
 import comfy.model_sampling
@@ -260,13 +261,24 @@ def load_layers(layers: dict[str, LoRATrainLayer], lora: LoRA) -> None:
             layer.down.copy_(adapter.roles["down"])
 
 
+# Hashing a base model reads every weight (seconds for SDXL); ComfyUI never changes base weights
+# for good, so each loaded model is hashed once, however often it is trained on.
+_WEIGHTS_SHA256: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
 def weights_sha256(model) -> str:
     """Fingerprint of the base model's weights, for the file's provenance."""
+    # Only the pure base is memoised: no patches on this MODEL and none written into the module now.
+    pure = not model.patches and getattr(model.model, "current_weight_patches_uuid", None) is None
+    if pure and model.model in _WEIGHTS_SHA256:
+        return _WEIGHTS_SHA256[model.model]
     digest = hashlib.sha256()
     for key, tensor in sorted(model.model.state_dict().items()):
         if key.startswith("diffusion_model."):
             digest.update(key.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if pure:
+        _WEIGHTS_SHA256[model.model] = digest.hexdigest()
     return digest.hexdigest()
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from autograd_probe import saved_tensor_bytes
 from lora_core.training import (
     CheckpointedForward,
     LoRATrainLayer,
@@ -168,13 +169,8 @@ def test_gradient_checkpointing_saves_activation_memory():
         if checkpointed:
             for blk in model.blocks:
                 blk.forward = CheckpointedForward(blk)
-        total = {"bytes": 0}
-
-        def pack(t):
-            total["bytes"] += t.numel() * t.element_size()
-            return t
         x = torch.randn(8, 64, 8, 8)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_tensor_bytes() as total:
             out = x
             tokens = out.flatten(2).transpose(1, 2)
             ctx = torch.randn(8, 5, 8)

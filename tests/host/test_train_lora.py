@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from autograd_probe import saved_tensor_bytes
 from lora_fixtures import SD15, attention_targets, max_relative_error, patched_weights
 
 
@@ -168,16 +169,25 @@ def test_gradient_checkpointing_lowers_saved_activation_memory(comfy_host):
             trainer, layers = bridge.attach_trainable(model, "attention", 4, 4.0, 0, "kaiming", checkpointing)
             try:
                 bridge.load_for_training(trainer)
-                total = {"bytes": 0}
-
-                def pack(t):
-                    total["bytes"] += t.numel() * t.element_size()
-                    return t
                 x = torch.randn(2, 4, 16, 16)
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with saved_tensor_bytes() as total:
                     out = bridge.denoiser(trainer)(x, torch.tensor([1.0, 3.0]), {"c_crossattn": torch.randn(2, 77, 32)})
                 out.square().mean().backward()
                 saved[checkpointing] = total["bytes"]
             finally:
                 bridge.unload(trainer)
     assert saved[True] < 0.5 * saved[False]
+
+
+def test_base_model_hash_is_taken_once_per_unpatched_model(comfy_host, monkeypatch):
+    bridge = comfy_host.pack.nodes.train_bridge
+    with torch.inference_mode():
+        model = comfy_host.nodes.CheckpointLoaderSimple().load_checkpoint(SD15)[0]
+    first = bridge.weights_sha256(model)
+    reads = []
+    real = type(model.model).state_dict
+    monkeypatch.setattr(type(model.model), "state_dict", lambda self, *a, **k: reads.append(1) or real(self, *a, **k))
+    assert bridge.weights_sha256(model) == first and reads == []  # memoised: no weight read again
+    patched = model.clone()
+    patched.add_patches({next(iter(attention_targets(model))): bridge.AutogradSafeWeight(patched)}, 1.0)
+    assert bridge.weights_sha256(patched) == first and reads  # a MODEL with patches is hashed afresh
