@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import stat
 import struct
-import tempfile
 
 import torch
 from safetensors import SafetensorError
@@ -77,15 +78,29 @@ def read_lora_file(path: str, check_finite: bool = True) -> tuple[dict[str, torc
     return tensors, metadata
 
 
+def _create_part_file(folder: str) -> tuple[str, int]:
+    """A new, empty temporary file in `folder` and the permission bits a normal save gives a new file
+    there: created with mode 0666, to which the kernel applies the process umask (and a default ACL of
+    the folder). tempfile.mkstemp would give 0600, and so does safetensors' save_file (0.8)."""
+    while True:
+        tmp = os.path.join(folder, f".lw-{secrets.token_hex(8)}.safetensors.part")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+        except FileExistsError:
+            continue
+        return tmp, stat.S_IMODE(os.stat(tmp).st_mode)
+
+
 def write_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write safetensors atomically: a crash or interrupt never leaves a half-written file at `path`."""
+    """Write safetensors atomically: a crash or interrupt never leaves a half-written file at `path`.
+    The file gets the permissions any other saved file gets (0666 & ~umask), not a temp file's 0600."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lw-", suffix=".safetensors.part", dir=folder)
-    os.close(fd)
+    tmp, mode = _create_part_file(folder)
     try:
         contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(contiguous, tmp, metadata={str(k): str(v) for k, v in metadata.items()})
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
