@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from ..lora_core import format_report, plan_layers
 from .comfy_bridge import MERGE, MODES, apply_layers, match_on_host
+from .input_checks import check_inputs
 from .lora_files import file_fingerprint, load_named_lora, lora_names
 from .lw_types import LW_LORA
 
@@ -16,7 +17,7 @@ class LoadLoRA(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="LW_LoadLoRA",
-            display_name="Load LoRA",
+            display_name="Load LoRA (Workbench)",
             category="LoRA Workbench/load",
             description="Loads a LoRA in any common format (kohya, diffusers/PEFT, LyCORIS LoHa/LoKr, DoRA) "
                         "and reports exactly which layers matched. A LoRA made for another base model is an error.",
@@ -47,6 +48,7 @@ class LoadLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name, strength_model, strength_clip, mode, model=None, clip=None):
+        check_inputs(cls, locals())  # NaN / inf / out of range: an error before any work
         if model is None and clip is None:
             raise ValueError("Load LoRA: connect a MODEL, a CLIP, or both.")
         lora = load_named_lora(lora_name)

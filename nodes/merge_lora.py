@@ -1,7 +1,6 @@
 """LW_MergeLoRA: combine LoRAs into one, exactly (concat) or compressed (svd, ties, dare)."""
 from __future__ import annotations
 
-import math
 import os
 
 from comfy_api.latest import io
@@ -10,6 +9,7 @@ from ..lora_core import LoRAError, file_sha256, merge_loras
 from ..lora_core.export import build_metadata, save_lora
 from ..lora_core.families import UNKNOWN, guess_family
 from ..lora_core.merging import MergeInput
+from .input_checks import check_inputs, strengths_problem
 from .lora_files import load_named_lora, output_path
 from .lora_rows import all_row_inputs, collect_rows, rows_fingerprint
 from .lw_types import LORA_STACK, LW_LORA
@@ -23,7 +23,7 @@ class MergeLoRA(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="LW_MergeLoRA",
-            display_name="Merge LoRA",
+            display_name="Merge LoRA (Workbench)",
             category="LoRA Workbench/merge",
             description="Merges weighted LoRAs into one: concat is exact, svd/ties/dare compress to a rank and "
                         "report the per-layer error.",
@@ -64,6 +64,7 @@ class MergeLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, method, target_rank, rank_mode, energy, density, seed, output_name, scope, lora_stack=None,
                 **rows):
+        check_inputs(cls, {**locals(), **rows})  # NaN / inf / out of range: an error before any work
         name = output_name.strip().removesuffix(".safetensors")
         path = output_path(name) if name else None  # refuse escaping names before any work
         requested, problems = collect_rows(lora_stack, rows, ROWS)
@@ -71,8 +72,9 @@ class MergeLoRA(io.ComfyNode):
         for label, source, s_model, s_clip, enabled, file_name in requested:
             if not enabled:
                 continue
-            if not (math.isfinite(s_model) and math.isfinite(s_clip)):
-                raise LoRAError(f"Merge LoRA: {label} has weight {s_model} / {s_clip}; weights must be finite.")
+            problem = strengths_problem(s_model, s_clip)  # LORA_STACK items (rows are checked above)
+            if problem:
+                raise LoRAError(f"Merge LoRA: {label}: {problem}.")
             lora = load_named_lora(source) if isinstance(source, str) else source
             inputs.append(MergeInput(lora, s_model, s_clip))
             sha = lora.sha256 or (file_sha256(lora.source_path) if lora.source_path else None)

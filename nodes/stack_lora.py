@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 
 from comfy_api.latest import io
 
@@ -21,11 +20,13 @@ from ..lora_core.heatmap import render_heatmap
 from ..lora_core.interference import block_table, by_lora, decorrelate, pair_cosines, plan_named, top_overlaps
 from ..lora_core.stack_analysis import analyse, stack_shape
 from .comfy_bridge import MERGE, MODES, apply_layers, base_weight, base_weight_norms, match_on_host
+from .input_checks import check_inputs, input_problem, strengths_problem
 from .lora_files import load_named_lora
 from .lora_rows import all_row_inputs, collect_rows, rows_fingerprint
 from .lw_types import LORA_STACK
 
 ROWS = 6  # fixed rows keep saved workflows working without the web extension
+ROW_STRENGTHS = tuple(f"strength_{part}_{i}" for i in range(1, ROWS + 1) for part in ("model", "clip"))
 
 
 class StackLoRA(io.ComfyNode):
@@ -33,7 +34,7 @@ class StackLoRA(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="LW_StackLoRA",
-            display_name="Stack LoRA",
+            display_name="Stack LoRA (Workbench)",
             category="LoRA Workbench/stack",
             description="Applies several LoRAs at once with weight clamping (per-LoRA range, stack budget, "
                         "per-layer change cap) and shows where they interfere.",
@@ -82,11 +83,14 @@ class StackLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, mode, clamp_weights, weight_min, weight_max, use_budget, budget, use_layer_cap,
                 layer_cap, decorrelate, clip=None, lora_stack=None, **rows):
+        # NaN / inf / out of range: an error before any work; a bad row strength skips its row (reported)
+        check_inputs(cls, {**locals(), **rows}, skip=ROW_STRENGTHS)
+        bad_rows = _bad_rows(cls, rows)
         settings = ClampSettings(weight_min, weight_max, budget, layer_cap, clamp_weights=clamp_weights,
                                  use_budget=use_budget, use_layer_cap=use_layer_cap)
         settings.validate()
         requested, problems = collect_rows(lora_stack, rows, ROWS)
-        loaded, entries = _load_rows(requested, model, clip, problems)
+        loaded, entries = _load_rows(requested, model, clip, problems, bad_rows)
         effective = clamp_strengths(entries, settings)
         applied = [(e.name, match, e.effective_model, e.effective_clip)
                    for (match, _), e in zip(loaded, effective) if match is not None]
@@ -130,13 +134,24 @@ def _analyse(applied, model, clip, decorrelate: bool, layer_cap: float | None):
 decorrelate_layers = decorrelate  # the node's boolean input shadows the function's name in _analyse
 
 
-def _load_rows(requested, model, clip, problems: list[str]) -> tuple[list, list[StackEntry]]:
+def _bad_rows(node_cls, rows: dict) -> dict[str, str]:
+    """{"row i": why} for rows with a strength input outside its declared range (or not finite)."""
+    bad: dict[str, str] = {}
+    for name in ROW_STRENGTHS:
+        problem = input_problem(node_cls, name, rows.get(name))
+        if problem:
+            bad.setdefault(f"row {name.rsplit('_', 1)[1]}", problem)
+    return bad
+
+
+def _load_rows(requested, model, clip, problems: list[str], bad_rows: dict) -> tuple[list, list[StackEntry]]:
     """Match each row on the host; a bad row is skipped and reported, the rest still apply."""
     loaded, entries = [], []
     for label, source, s_model, s_clip, enabled, file_name in requested:
         try:
-            if not (math.isfinite(s_model) and math.isfinite(s_clip)):
-                raise LoRAError(f"strengths must be finite numbers, got {s_model} / {s_clip}")
+            problem = strengths_problem(s_model, s_clip) or bad_rows.get(label)
+            if problem:
+                raise LoRAError(problem)
             lora = load_named_lora(source) if isinstance(source, str) else source
             match = match_on_host(lora, model, clip) if enabled else None
         except (LoRAError, OSError) as e:

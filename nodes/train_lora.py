@@ -26,6 +26,7 @@ from ..lora_core.training import (
 from ..lora_core.training.state_io import STATE_SUFFIX, load_optimizer_state, save_optimizer_state
 from ..lora_core.version import __version__ as PACK_VERSION
 from .comfy_bridge import MERGE, apply_layers, match_on_host, model_family
+from .input_checks import check_inputs
 from .lora_files import load_named_lora, lora_names, lora_path, output_path
 from .lw_types import LW_LORA
 from .train_bridge import (
@@ -53,7 +54,7 @@ class TrainLoRA(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="LW_TrainLoRA",
-            display_name="Train LoRA",
+            display_name="Train LoRA (Workbench)",
             category="LoRA Workbench/train",
             description="Trains a LoRA on the attention layers from captioned images (frozen base, A random, "
                         "B zero), with live loss, previews and atomic saves a kohya-format file every tool loads.",
@@ -125,6 +126,7 @@ class TrainLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, **inputs):
+        check_inputs(cls, inputs)  # every number finite and in its declared range, before any work
         args = {k: (v if k == "images" else v[0]) for k, v in inputs.items()}
         with torch.inference_mode(False), torch.enable_grad():
             return _run(args, cls.hidden.unique_id if cls.hidden else None)

@@ -39,7 +39,7 @@ def _fetch_latent(comfy_http, entry) -> torch.Tensor:
 def test_object_info_lists_load_lora_with_tooltips(comfy_http, loras_dir):
     (loras_dir / "listed.safetensors").write_bytes(b"")  # listed by name; never loaded here
     info = comfy_http.get_json("/object_info/LW_LoadLoRA")["LW_LoadLoRA"]
-    assert info["display_name"] == "Load LoRA" and info["category"] == "LoRA Workbench/load"
+    assert info["display_name"] == "Load LoRA (Workbench)" and info["category"] == "LoRA Workbench/load"
     assert info["output"] == ["MODEL", "CLIP", "LW_LORA", "STRING"]
     inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
     assert set(inputs) == {"model", "clip", "lora_name", "strength_model", "strength_clip", "mode"}
