@@ -3,9 +3,15 @@
 
     comfy_host.py [--source GIT] install       install everything, print ComfyUI path + python
     comfy_host.py [--source GIT] env           print `export COMFYUI_PATH=... LW_PYTHON=...`
-    comfy_host.py [--source GIT] test [ARGS]   install, then `python -m pytest ARGS` (default: tests)
-    comfy_host.py [--source GIT] serve [--port 8188] [MAIN_PY_ARGS]
+    comfy_host.py [--source GIT] test [ARGS]   install, then `python -m pytest ARGS` (default: tests);
+                                               installs Debian's chromium first when the browser tests
+                                               are selected and it is missing (as root), or stops
+                                               with the command to run
+    comfy_host.py [--source GIT] serve [--port 8188] [-- MAIN_PY_ARGS]
                                                install, then run ComfyUI on 127.0.0.1
+    comfy_host.py [--source GIT] demo [--port 8188] [--no-run] [-- MAIN_PY_ARGS]
+                                               serve, then run the train-then-stack example once
+    MAIN_PY_ARGS are ComfyUI's own options (e.g. --front-end-root DIR), passed to main.py after ours.
 
 What `install` does (each step is skipped when its stamp says nothing changed):
   * ComfyUI v0.8.0 -> <cache>/ComfyUI-v0.8.0, from --source / $LW_COMFYUI_SOURCE (a git URL
@@ -408,22 +414,82 @@ def cmd_env(args) -> int:
     return 0
 
 
+BROWSER_TESTS = CHECKOUT / "tests" / "browser"
+DEFAULT_CHROMIUM = "/usr/bin/chromium"  # tests/browser/conftest.py's default; LW_CHROMIUM overrides it
+CHROMIUM_INSTALL = "apt-get update -qq && apt-get install -y -qq chromium"
+
+
+def selects_browser_tests(pytest_args: list[str]) -> bool:
+    """Whether pytest, run in the checkout with these arguments, collects tests/browser: no path
+    arguments (everything is collected) or a path at or above or inside tests/browser."""
+    paths = [CHECKOUT / arg.split("::")[0] for arg in pytest_args if not arg.startswith("-")]
+    paths = [path.resolve() for path in paths if path.exists()]  # option values such as -k's are not paths
+    if not paths:
+        return True
+    browser = BROWSER_TESTS.resolve()
+    return any(path == browser or path in browser.parents or browser in path.parents for path in paths)
+
+
+def find_chromium() -> str | None:
+    explicit = os.environ.get("LW_CHROMIUM")
+    if explicit:
+        return explicit if Path(explicit).is_file() else None
+    return DEFAULT_CHROMIUM if Path(DEFAULT_CHROMIUM).is_file() else shutil.which("chromium")
+
+
+def ensure_chromium(env: dict) -> None:
+    """The browser tests drive Debian's chromium (never a downloaded one). Install it when missing and
+    this runs as root with apt-get, as CI does; otherwise stop, before any test, with the command to run."""
+    found = find_chromium()
+    if found is None and hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("apt-get"):
+        log(f"the browser tests need Debian's chromium; installing it: {CHROMIUM_INSTALL}")
+        apt = run(["sh", "-c", f"{CHROMIUM_INSTALL} >/dev/null"], check=False,
+                  env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = find_chromium()
+        if found is None:
+            log(f"installing chromium failed (exit code {apt.returncode})")
+    if found is None:
+        where = f"LW_CHROMIUM={os.environ['LW_CHROMIUM']} is not a file; " if os.environ.get("LW_CHROMIUM") else ""
+        raise HostError(f"{where}the browser tests (tests/browser) need Debian's chromium. Run:\n"
+                        "    sudo apt-get update && sudo apt-get install -y chromium\n"
+                        "then this command again (or set LW_CHROMIUM=<chromium binary>).")
+    env["LW_CHROMIUM"] = found
+
+
 def cmd_test(args) -> int:
     host = install(args.source)
     pytest_args = args.pytest_args or ["tests"]
+    env = host_env(host)
+    if selects_browser_tests(pytest_args):
+        ensure_chromium(env)
     log(f"{host.python} -m pytest {' '.join(pytest_args)}")
-    code = subprocess.run([str(host.python), "-m", "pytest", *pytest_args],
-                          cwd=CHECKOUT, env=host_env(host)).returncode
+    code = subprocess.run([str(host.python), "-m", "pytest", *pytest_args], cwd=CHECKOUT, env=env).returncode
     if code == 5:
         log("pytest collected no tests: treated as a failure")
         return 1
     return code
 
 
+def main_py_command(python, port: int, main_args: list[str]) -> tuple[list[str], str]:
+    """ComfyUI's command line for serve and demo: ours first, then the user's main.py options (argparse
+    lets a later --port or --listen win), and the URL it will answer on."""
+    cmd = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), *main_args]
+    values = {}
+    for flag in ("--listen", "--port"):
+        for i, arg in enumerate(cmd):
+            if arg == flag and i + 1 < len(cmd):
+                values[flag] = cmd[i + 1]
+            elif arg.startswith(flag + "="):
+                values[flag] = arg.split("=", 1)[1]
+    listen = values["--listen"].split(",")[0]
+    host = "127.0.0.1" if listen in ("0.0.0.0", "::", "") else listen
+    return cmd, f"http://{f'[{host}]' if ':' in host else host}:{values['--port']}"
+
+
 def cmd_serve(args) -> int:
     host = install(args.source)
-    cmd = [str(host.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(args.port), *args.main_args]
-    print(f"ComfyUI {COMFYUI_VERSION} from {host.comfyui} on http://127.0.0.1:{args.port}/", flush=True)
+    cmd, url = main_py_command(host.python, args.port, args.main_args)
+    print(f"ComfyUI {COMFYUI_VERSION} from {host.comfyui} on {url}/", flush=True)
     os.chdir(host.comfyui)
     os.execve(cmd[0], cmd, host_env(host))
     return 1  # not reached
@@ -472,8 +538,7 @@ def _run_demo_workflow(url: str) -> None:
 def cmd_demo(args) -> int:
     """The README's first command: host, tiny models, ComfyUI with the pack, the example run once."""
     host = install(args.source)
-    url = f"http://127.0.0.1:{args.port}"
-    cmd = [str(host.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(args.port)]
+    cmd, url = main_py_command(host.python, args.port, args.main_args)
     proc = subprocess.Popen(cmd, cwd=host.comfyui, env=host_env(host))
     try:
         _wait_for_server(url, proc)
@@ -493,7 +558,20 @@ def cmd_demo(args) -> int:
                 proc.kill()
 
 
+def _command_index(argv: list[str]) -> int:
+    """Index of the sub-command in argv (after top-level options such as --source GIT)."""
+    i = 0
+    while argv[i].startswith("-"):
+        i += 1 if "=" in argv[i] or argv[i] in ("-h", "--help") else 2
+    return i
+
+
+PASS_THROUGH = ("serve", "demo")  # commands whose unknown options (and those after `--`) go to main.py
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Our options; for serve and demo, ComfyUI's own main.py options after `--` (or any option we do not
+    know) land in main_args, e.g. `serve --port 8188 -- --front-end-root DIR`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", help="git URL or local git dir holding ComfyUI "
                         f"{COMFYUI_TAG} (default: $LW_COMFYUI_SOURCE or {DEFAULT_SOURCE})")
@@ -503,15 +581,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     test = sub.add_parser("test", help="install, then run pytest (default args: tests)")
     test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     test.set_defaults(func=cmd_test)
-    serve = sub.add_parser("serve", help="install, then run ComfyUI on 127.0.0.1")
+    serve = sub.add_parser("serve", help="install, then run ComfyUI on 127.0.0.1 (-- MAIN_PY_ARGS: ComfyUI's "
+                           "own options)", allow_abbrev=False)
     serve.add_argument("--port", type=int, default=8188)
-    serve.add_argument("main_args", nargs=argparse.REMAINDER, help="extra main.py arguments")
     serve.set_defaults(func=cmd_serve)
-    demo = sub.add_parser("demo", help="install, start ComfyUI with the pack, run the train-then-stack example")
+    demo = sub.add_parser("demo", help="install, start ComfyUI with the pack, run the train-then-stack example "
+                          "(-- MAIN_PY_ARGS: ComfyUI's own options)", allow_abbrev=False)
     demo.add_argument("--port", type=int, default=8188)
     demo.add_argument("--no-run", action="store_true", help="only start ComfyUI; do not queue the example")
     demo.set_defaults(func=cmd_demo)
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "test":  # every word after `test` is pytest's, options first or not (-k x, -x)
+        args.pytest_args = argv[_command_index(argv) + 1:]
+        return args
+    if args.command not in PASS_THROUGH:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    if "--" in extra:
+        extra.remove("--")  # the first one only: it ends our options
+    args.main_args = extra
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
