@@ -5,6 +5,7 @@ Fixtures
   comfy_host     (session) ComfyUI imported in-process once, custom nodes (this pack and the
                  tiny-model fixture pack) loaded by ComfyUI's own loader. See ComfyHost.
   comfy_server   (session) base URL of a ComfyUI server subprocess on 127.0.0.1.
+  comfy_server_process (session) that subprocess (subprocess.Popen; .pid, .lw_url).
   comfy_http     (session) ComfyHTTP client for comfy_server: get_json, post_json, run_prompt.
   loras_dir      (session) temp dir registered as a "loras" folder, in-process and in the server.
   tiny_txt2img   (session) txt2img_prompt(seed=1, ...) -> the tiny SD1.5 txt2img API prompt.
@@ -305,8 +306,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def comfy_server(host_install, host_dirs, tmp_path_factory) -> str:
-    """Base URL of `main.py --cpu` on a free loopback port, with the session's loras dir."""
+def comfy_server_process(host_install, host_dirs, tmp_path_factory) -> subprocess.Popen:
+    """The `main.py --cpu` server subprocess on a free loopback port, with the session's loras dir;
+    .lw_url is its base URL, .pid its process (e.g. to read its memory from /proc)."""
     work = tmp_path_factory.mktemp("comfy_server")
     extra_paths = work / "extra_model_paths.yaml"
     # JSON is YAML; is_default makes files the nodes write land in the session folder, not the install.
@@ -321,11 +323,18 @@ def comfy_server(host_install, host_dirs, tmp_path_factory) -> str:
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=host_install.comfyui, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    proc.lw_url = url
     try:
         _wait_until_up(url, proc, log_path)
-        yield url
+        yield proc
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_server_process) -> str:
+    """Base URL of the comfy_server_process server."""
+    return comfy_server_process.lw_url
 
 
 class ComfyHTTP:
