@@ -21,16 +21,6 @@ from .version import __version__ as PACK_VERSION
 
 KOHYA_IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"
 
-# family -> (ss_base_model_version, modelspec architecture, modelspec resolution), as kohya writes them.
-FAMILY_SPECS: dict[str, tuple[str, str, str]] = {
-    families.SD1: ("sd_v1", "stable-diffusion-v1", "512x512"),
-    families.SD2: ("sd_v2", "stable-diffusion-v2-768-v", "768x768"),
-    families.SDXL: ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "1024x1024"),
-    families.FLUX: ("flux1", "flux-1-dev", "1024x1024"),
-    families.SD3: ("sd3", "stable-diffusion-3", "1024x1024"),
-}
-
-
 def kohya_prefix(prefix: str) -> str:
     """The kohya name of a module; a name with no known kohya form is kept as written."""
     return next((n for n in candidate_names(prefix) if n.startswith("lora_")), prefix)
@@ -75,9 +65,6 @@ def _as_str(value) -> str:
 def build_metadata(*, title: str, base_family: str, rank: int, alpha: float, scope: str, provenance: dict,
                    trigger_words=(), training: dict | None = None, extra: dict | None = None) -> dict[str, str]:
     """kohya ss_*, modelspec.* and lw.* metadata; every value a string, `extra` applied last."""
-    if base_family != families.UNKNOWN and base_family not in FAMILY_SPECS:
-        raise LoRAError(f"unknown base model family '{base_family}'; expected one of {sorted(FAMILY_SPECS)} "
-                        f"or '{families.UNKNOWN}'.")
     words = [w.strip() for w in trigger_words if w and w.strip()]
     meta = {
         "ss_network_module": "networks.lora",
@@ -92,10 +79,13 @@ def build_metadata(*, title: str, base_family: str, rank: int, alpha: float, sco
         "lw.provenance": json.dumps(provenance, sort_keys=True),
         "lw.version": PACK_VERSION,
     }
-    if base_family in FAMILY_SPECS:
-        version, arch, resolution = FAMILY_SPECS[base_family]
-        meta.update({"ss_base_model_version": version, "ss_v2": str(base_family == families.SD2),
-                     "modelspec.architecture": f"{arch}/lora", "modelspec.resolution": resolution})
+    # A family the registry does not know is written as "unknown", never as another family's name.
+    entry = families.family(base_family)
+    meta.update({"modelspec.architecture": f"{entry.architecture}/lora", "ss_v2": str(entry.name == families.SD2)})
+    if entry.base_model_version:
+        meta["ss_base_model_version"] = entry.base_model_version
+    if entry.name != families.UNKNOWN:
+        meta["modelspec.resolution"] = entry.resolution
     if words:
         meta["modelspec.trigger_phrase"] = ", ".join(words)
         # Counts fall with position so tools that rank tags by frequency keep the given order.

@@ -11,13 +11,17 @@ _CACHE: "OrderedDict[tuple, LoRA]" = OrderedDict()
 CACHE_SIZE = 8  # a typical stack; parsed LoRAs are small next to the model
 
 
-def load_lora(path: str, name: str | None = None) -> LoRA:
+def load_lora(path: str, name: str | None = None, convert=None) -> LoRA:
+    """Parse a LoRA file; `convert(tensors) -> tensors`, when given, rewrites the raw key layout first
+    (the host's own conversions, e.g. ComfyUI's for BFL control and Wan Fun LoRAs)."""
     stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size, getattr(convert, "__qualname__", None))
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
     tensors, metadata = read_lora_file(path)
+    if convert is not None:
+        tensors = convert(tensors)
     lora = parse_lora(tensors, name or os.path.basename(path), metadata)
     lora.source_path = os.path.abspath(path)
     _CACHE[key] = lora

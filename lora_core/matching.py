@@ -23,14 +23,16 @@ MIN_MATCH_FRACTION = 0.5
 
 @dataclass(frozen=True)
 class Target:
-    """A host weight, or a slice of one along `offset=(dim, start, length)` (fused qkv)."""
+    """A host weight, or a slice of one along `offset=(dim, start, length)` (fused qkv). `function`: a
+    host-side transform of the change (SD3/AuraFlow's scale/shift swap); such layers go to the host."""
 
     key: str
     offset: tuple[int, int, int] | None = None
+    function: object = None
 
     def __post_init__(self):
         # Targets key every per-layer table; hash and component once, not on each lookup.
-        object.__setattr__(self, "_hash", hash((self.key, self.offset)))
+        object.__setattr__(self, "_hash", hash((self.key, self.offset, self.function)))
         object.__setattr__(self, "component", MODEL if self.key.startswith("diffusion_model.") else CLIP)
 
     def __hash__(self) -> int:
@@ -86,9 +88,11 @@ class MatchResult:
 
 
 def _target_of(entry) -> Target:
+    """A host key map entry: a weight key, or (key, offset[, function])."""
     if isinstance(entry, tuple):
         key, offset = entry[0], entry[1]
-        return Target(key, tuple(offset) if offset is not None else None)
+        function = entry[2] if len(entry) > 2 else None
+        return Target(key, tuple(offset) if offset is not None else None, function)
     return Target(entry)
 
 
@@ -96,7 +100,9 @@ def _target_shape(target: Target, host_shapes: dict[str, torch.Size]) -> torch.S
     shape = host_shapes.get(target.key)
     if shape is None or target.offset is None:
         return shape
-    dim, _, length = target.offset
+    dim, start, length = target.offset
+    if start + length > shape[dim]:  # a slice the host's map places outside the weight (grouped-query qkv)
+        return torch.Size([])
     return torch.Size([*shape[:dim], length, *shape[dim + 1:]])
 
 
@@ -105,6 +111,7 @@ def match_lora(lora: LoRA, key_map: dict, host_shapes: dict[str, torch.Size], co
     """Resolve every module of `lora` to host weights of the `connected` components."""
     coverage = {MODEL: ComponentCoverage(), CLIP: ComponentCoverage()}
     patches: list[LayerPatch] = []
+    host_handled: dict[Target, tuple[str, dict[str, torch.Tensor]]] = {}
     for prefix, adapter in lora.adapters.items():
         hit = resolve(prefix, key_map)
         component = _target_of(hit[1]).component if hit else (CLIP if is_text_encoder_name(prefix) else MODEL)
@@ -122,9 +129,12 @@ def match_lora(lora: LoRA, key_map: dict, host_shapes: dict[str, torch.Size], co
             cov.shape_mismatch.append(prefix)
             continue
         cov.matched.append(prefix)
+        if target.function is not None:  # the host transforms this layer's change: let it apply the module
+            host_handled[target] = (hit[0], _as_kohya_tensors(hit[0], adapter))
+            continue
         patches.append(LayerPatch(target, adapter, prefix))
 
-    foreign: dict[Target, tuple[str, dict[str, torch.Tensor]]] = {}
+    foreign: dict[Target, tuple[str, dict[str, torch.Tensor]]] = dict(host_handled)
     for prefix, tensors in lora.foreign.items():
         hit = resolve(prefix, key_map)
         if hit and _target_of(hit[1]).component in connected:
@@ -133,11 +143,19 @@ def match_lora(lora: LoRA, key_map: dict, host_shapes: dict[str, torch.Size], co
         else:
             coverage[CLIP if is_text_encoder_name(prefix) else MODEL].unmatched.append(prefix)
 
-    family = guess_family(list(lora.adapters) + list(lora.foreign), lora.metadata)
+    family = guess_family(list(lora.adapters) + list(lora.foreign), lora.metadata, prefer=model_family)
     result = MatchResult(lora, patches, foreign, coverage, family, model_family, read_info(lora.metadata))
     if not allow_partial:
         refuse_wrong_base(result, connected)
     return result
+
+
+_KOHYA_ROLE_SUFFIX = {"up": ".lora_up.weight", "down": ".lora_down.weight", "mid": ".lora_mid.weight"}
+
+
+def _as_kohya_tensors(name: str, adapter: Adapter) -> dict[str, torch.Tensor]:
+    """An adapter's tensors under the keys the host's own loader reads (kohya/LyCORIS suffixes)."""
+    return {name + _KOHYA_ROLE_SUFFIX.get(role, "." + role): t for role, t in adapter.roles.items()}
 
 
 def refuse_wrong_base(result: MatchResult, connected: set[str]) -> None:
@@ -155,11 +173,21 @@ def refuse_wrong_base(result: MatchResult, connected: set[str]) -> None:
         if considered_total == 0:
             continue
         if len(cov.matched) / considered_total < MIN_MATCH_FRACTION:
-            raise WrongBaseModelError(
-                f"{name}: looks made for {result.family} but the {component.upper()} given is "
-                f"{result.model_family}: {len(cov.matched)} of {considered_total} {component} layers matched "
-                f"({len(cov.unmatched)} unknown names, {len(cov.shape_mismatch)} with other sizes). "
-                "Use a LoRA trained for this base model, or load the base model this LoRA was made for.")
+            counts = (f"{len(cov.matched)} of {considered_total} {component} layers matched "
+                      f"({len(cov.unmatched)} unknown names, {len(cov.shape_mismatch)} with other sizes)")
+            raise WrongBaseModelError(f"{name}: {_made_for(result, component)}: {counts}. Use a LoRA trained for "
+                                      "this base model, or load the base model this LoRA was made for.")
+
+
+def _made_for(result: MatchResult, component: str) -> str:
+    """What the file looks made for, never naming one family on both sides."""
+    given = f"the {component.upper()} given is {result.model_family}"
+    if result.family == UNKNOWN:
+        return f"cannot tell which base model it was made for, and {given}"
+    if result.family == result.model_family:
+        return (f"its layer names look like {result.family}, like the {component.upper()} given, but it was made "
+                f"for another variant or size of {result.family}")
+    return f"looks made for {result.family} but {given}"
 
 
 def format_report(result: MatchResult, strengths: dict[str, float] | None = None, mode: str = "merge") -> str:

@@ -196,7 +196,7 @@ def _normalise(inputs) -> list[MergeInput]:
 def _common_family(items: list[MergeInput]) -> str:
     found: dict[str, list[str]] = {}
     for item in items:
-        family = guess_family(list(item.lora.adapters), item.lora.metadata)
+        family = guess_family(list(item.lora.adapters), item.lora.metadata, strict=True)
         if family != UNKNOWN:
             found.setdefault(family, []).append(item.lora.name)
     if len(found) > 1:

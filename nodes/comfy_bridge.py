@@ -11,11 +11,11 @@ from __future__ import annotations
 import weakref
 
 import comfy.lora
-import comfy.supported_models as supported
 import comfy.utils
 import torch
 from comfy.weight_adapter import WeightAdapterBase
 
+from . import comfy_compat
 from ..lora_core import (
     CLIP,
     MODEL,
@@ -49,18 +49,11 @@ class WorkbenchWeightPatch(WeightAdapterBase):
         return apply_terms(weight, self.terms, strength)
 
 
-_FAMILY_OF_CONFIG = [(supported.SDXL, families.SDXL), (supported.SDXLRefiner, families.SDXL),
-                     (supported.SD15, families.SD1), (supported.SD20, families.SD2),
-                     (supported.Flux, families.FLUX), (supported.SD3, families.SD3)]
-
-
 def model_family(model=None, clip=None) -> str:
+    """The registry family of the connected MODEL (from its ComfyUI config class), else of the CLIP."""
     if model is not None:
-        config = model.model.model_config
-        for cls, family in _FAMILY_OF_CONFIG:
-            if isinstance(config, cls):
-                return family
-        return type(config).__name__
+        found = families.family_of_host_config(comfy_compat.config_class_names(model))
+        return found if found != families.UNKNOWN else f"{families.UNKNOWN} ({comfy_compat.config_class_names(model)[0]})"
     if clip is not None:
         names = {k.split(".", 1)[0] for k in clip.cond_stage_model.state_dict()}
         if "clip_g" in names:
@@ -131,8 +124,9 @@ def _match(lora: LoRA, model, clip, allow_partial: bool) -> MatchResult:
 def base_weight(model, clip, target: Target) -> torch.Tensor:
     """The unpatched weight of a target (ComfyUI keeps originals in .backup while patched)."""
     patcher = model if target.component == MODEL else clip.patcher
-    backup = patcher.backup.get(target.key)
-    weight = backup.weight if backup is not None else comfy.utils.get_attr(patcher.model, target.key)
+    weight = comfy_compat.original_weight(patcher, target.key)
+    if weight is None:
+        weight = comfy.utils.get_attr(patcher.model, target.key)
     if target.offset is not None:
         dim, start, length = target.offset
         weight = weight.narrow(dim, start, length)
@@ -172,6 +166,8 @@ def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 def _patch_key(target: Target):
+    if target.function is not None:
+        return (target.key, target.offset, target.function)
     return target.key if target.offset is None else (target.key, target.offset)
 
 
@@ -180,19 +176,16 @@ def _take_chained_terms(patcher, target: Target) -> list[Term]:
     this clone so both land in ONE fused product: one pass over the weight instead of one per
     node. Only the last patch is taken (order with core's patches is kept); clone() gave this
     patcher its own lists, so the upstream MODEL keeps its patches."""
-    entries = patcher.patches.get(target.key)
+    entries = comfy_compat.weight_patches(patcher, target.key)
     if not entries:
         return []
-    strength_patch, patch, strength_model, offset, function = entries[-1]
-    same_slice = (None if offset is None else tuple(offset)) == target.offset
-    if not (isinstance(patch, WorkbenchWeightPatch) and strength_patch == 1.0 and strength_model == 1.0
-            and same_slice and function is None):
+    last = entries[-1]
+    same_slice = (None if last.offset is None else tuple(last.offset)) == target.offset
+    if not (isinstance(last.patch, WorkbenchWeightPatch) and last.strength_patch == 1.0
+            and last.strength_model == 1.0 and same_slice and last.function is None):
         return []
-    if len(entries) == 1:
-        del patcher.patches[target.key]
-    else:
-        patcher.patches[target.key] = entries[:-1]
-    return list(patch.terms)
+    comfy_compat.set_weight_patches(patcher, target.key, entries[:-1])
+    return list(last.patch.terms)
 
 
 def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list, mode: str) -> dict[str, int]:
@@ -205,7 +198,7 @@ def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list, mod
         if mode == BYPASS and additive and target.key.endswith(".weight") and supports_bypass(module, target.offset):
             name = f"{module_path}.forward"
             patcher.add_object_patch(name, BypassForward(module, terms, target.offset,
-                                                         inner=patcher.object_patches.get(name)))
+                                                         inner=comfy_compat.current_object_patch(patcher, name)))
             bypassed += 1
         else:
             merged_instead += mode == BYPASS
@@ -213,7 +206,7 @@ def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list, mod
     if weight_patches:
         patcher.add_patches(weight_patches, 1.0)
     for target, core_name, tensors, strength in foreign:
-        loaded = comfy.lora.load_lora(tensors, {core_name: _patch_key(target)}, log_missing=False)
+        loaded = comfy_compat.core_load_lora(tensors, {core_name: _patch_key(target)})
         patcher.add_patches(loaded, strength)
     return {"merged": len(weight_patches), "bypassed": bypassed, "merged_in_bypass": merged_instead,
             "core": len(foreign)}

@@ -6,6 +6,7 @@ import os
 import folder_paths
 
 from ..lora_core import LoRA, LoRAFileError, load_lora, safe_join
+from .comfy_compat import convert_lora
 
 LORAS = "loras"
 
@@ -33,7 +34,7 @@ def output_path(name: str) -> str:
 
 
 def load_named_lora(name: str) -> LoRA:
-    return load_lora(lora_path(name), name)
+    return load_lora(lora_path(name), name, convert=convert_lora)
 
 
 def file_fingerprint(name: str) -> str:

@@ -86,8 +86,9 @@ class MergeLoRA(io.ComfyNode):
         text = "\n".join(problems + [report.to_text()])
         file_name = ""
         if path:
-            family = guess_family(list(merged.adapters), {})
-            families = {guess_family(list(i.lora.adapters), i.lora.metadata) for i in inputs} - {UNKNOWN}
+            # Only a family the parents agree on, or the keys name alone, is written; else "unknown".
+            family = guess_family(list(merged.adapters), {}, strict=True)
+            families = {guess_family(list(i.lora.adapters), i.lora.metadata, strict=True) for i in inputs} - {UNKNOWN}
             family = families.pop() if len(families) == 1 else family
             provenance = {"parents": parents, "method": method, "settings": {
                 "target_rank": target_rank, "rank_mode": rank_mode, "energy": energy, "density": density,

@@ -4,9 +4,7 @@ lora_core.training runs the loop; this module only adapts ComfyUI's objects to i
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import sys
 import weakref
 
 import comfy.model_management as mm
@@ -32,6 +30,8 @@ from ..lora_core.training import (
     nearest_bucket,
     select_targets,
 )
+from . import comfy_compat
+from .comfy_bridge import model_family
 
 # ---------------------------------------------------------------- data
 
@@ -65,27 +65,60 @@ def prepare_images(images: list[torch.Tensor], resolution: int, bucketing: bool)
     return singles
 
 
-def model_conds(model, cross_attn: torch.Tensor, pooled: torch.Tensor | None, latent: torch.Tensor) -> dict:
-    """The model's own extra conditioning (SDXL adm, Flux guidance...), as its sampler builds it."""
-    height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
-    extra = model.model.extra_conds(cross_attn=cross_attn, pooled_output=pooled, noise=latent[None],
-                                    device=torch.device("cpu"), width=width, height=height, target_width=width,
-                                    target_height=height, crop_w=0, crop_h=0)
-    return {k: v.process_cond(batch_size=1, device=torch.device("cpu")).cond.clone() for k, v in extra.items()}
+def encode_captions(clip, captions: list[str]) -> dict[str, list]:
+    """caption -> ComfyUI conditioning [cond, extras], exactly as CLIPTextEncode makes it (pooled
+    output, attention masks, a second encoder's output: whatever this family's encoder returns)."""
+    out = {}
+    for caption in captions:
+        if caption not in out:
+            out[caption] = clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0]
+    return out
+
+
+def _private(value):
+    # Tensors made under inference mode cannot be saved for backward: train on copies. Ints, flags and
+    # lists (Lumina's num_tokens, LTX's frame_rate) are passed as they are.
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def model_conds(model, conditioning: list, latent: torch.Tensor) -> dict:
+    """The model's own inputs for one sample, built the way ComfyUI's sampler builds them
+    (comfy.samplers.encode_model_conds, then each COND's process_cond for a batch of one)."""
+    cond, extras = conditioning
+    params = {k: _private(v) for k, v in extras.items()}
+    if cond is not None:
+        params["cross_attn"] = _private(cond)
+    noise = latent[None]
+    # Text-to-image semantics: an empty latent_image, so no model sees the clean latent it must learn.
+    params.update(device=torch.device("cpu"), noise=noise, prompt_type="positive",
+                  latent_image=torch.zeros_like(noise), denoise_mask=None, seed=None)
+    params.setdefault("width", noise.shape[3] * 8 if noise.dim() >= 4 else None)  # encode_model_conds' formula
+    params.setdefault("height", noise.shape[2] * 8)
+    out = model.model.extra_conds(**params)
+    return {k: v.process_cond(batch_size=1, device=torch.device("cpu"), area=None) for k, v in out.items()}
+
+
+def collate_host_conds(conds: list[dict], device) -> dict:
+    """Batch samples' COND objects with ComfyUI's own concat (it pads cross-attention lengths)."""
+    out = {}
+    for key, first in conds[0].items():
+        value = first.concat([c[key] for c in conds[1:]])
+        out[key] = _private(value).to(device) if isinstance(value, torch.Tensor) else value
+    return out
+
+
+def build_samples(model, latents: list[torch.Tensor], conditionings: list[list]) -> list[Sample]:
+    """Samples from clean latents (as the model sees them) and their ComfyUI conditionings."""
+    return [Sample(latent.float().clone(), model_conds(model, cond, latent))
+            for latent, cond in zip(latents, conditionings)]
 
 
 @torch.no_grad()
 def encode_dataset(model, clip, vae, images: list[torch.Tensor], captions: list[str]) -> list[Sample]:
     """VAE-encode every image and CLIP-encode every caption once; cached for the whole run."""
-    samples, cache = [], {}
-    for image, caption in zip(images, captions):
-        latent = model.model.process_latent_in(vae.encode(image[None])).float()[0]
-        if caption not in cache:
-            cond, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
-            cache[caption] = (cond, pooled)
-        cond, pooled = cache[caption]
-        samples.append(Sample(latent.clone(), model_conds(model, cond.clone(), pooled, latent)))
-    return samples
+    by_caption = encode_captions(clip, captions)
+    latents = [model.model.process_latent_in(vae.encode(image[None])).float()[0] for image in images]
+    return build_samples(model, latents, [by_caption[c] for c in captions])
 
 
 # ---------------------------------------------------------------- the model
@@ -108,91 +141,112 @@ def noise_model_of(model) -> NoiseModel:
 
 
 def denoiser(model):
+    """x0 prediction of the (trainable) model. Call it, and run backward, inside training_context():
+    checkpointed blocks recompute their forward during the backward pass."""
     def denoise(x_t, sigma, cond):
-        with differentiable_rope():
-            return model.model.apply_model(x_t, sigma, **cond)
+        return model.model.apply_model(x_t, sigma, **cond)
     return denoise
 
 
-def _rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    # ComfyUI's reference rope (comfy/ldm/flux/math.py), plain torch ops, so autograd flows through it.
-    x_ = x.to(dtype=freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
-    out = freqs_cis[..., 0] * x_[..., 0] + freqs_cis[..., 1] * x_[..., 1]
-    return out.reshape(*x.shape).type_as(x)
+def training_context():
+    """What must hold for the whole training loop, forward and backward alike."""
+    return comfy_compat.training_swaps()
 
 
-def _rope(xq, xk, freqs_cis):
-    return _rope1(xq, freqs_cis), _rope1(xk, freqs_cis)
+_UNET_BLOCK_LISTS = ("input_blocks", "middle_block", "output_blocks")
 
 
-@contextlib.contextmanager
-def differentiable_rope():
-    """comfy_kitchen's fused rope op has no backward; DiT training swaps in the reference math meanwhile."""
-    swapped = []
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("comfy.ldm.") or module is None:
-            continue
-        for attr, replacement in (("apply_rope", _rope), ("apply_rope1", _rope1)):
-            current = getattr(module, attr, None)
-            if current is not None and getattr(current, "__module__", "") != __name__ and \
-                    "kitchen" in repr(current).lower() + getattr(current, "__module__", "").lower():
-                swapped.append((module, attr, current))
-                setattr(module, attr, replacement)
-    try:
-        yield
-    finally:
-        for module, attr, original in swapped:
-            setattr(module, attr, original)
-
-
-def _checkpoint_blocks(diffusion_model) -> list[str]:
-    """Modules whose forward is called directly: DiT blocks, and the layers inside each UNet block
-    (ComfyUI's UNet iterates a block's layers itself, so a block-level forward would never run)."""
+def _unet_layers(diffusion_model) -> list[str]:
+    """The layers inside each UNet block: ComfyUI's UNet iterates a block's layers itself, so a
+    block-level forward would never run."""
     names = []
-    for group in ("double_blocks", "single_blocks"):
+    for group in _UNET_BLOCK_LISTS:
         blocks = getattr(diffusion_model, group, None)
-        names += [f"{group}.{i}" for i in range(len(blocks))] if blocks is not None else []
-    unet_blocks = [f"input_blocks.{i}" for i in range(len(getattr(diffusion_model, "input_blocks", [])))]
-    unet_blocks += [f"output_blocks.{i}" for i in range(len(getattr(diffusion_model, "output_blocks", [])))]
-    unet_blocks += ["middle_block"] if getattr(diffusion_model, "middle_block", None) is not None else []
-    for block in unet_blocks:
-        for j, layer in enumerate(comfy.utils.get_attr(diffusion_model, block)):
-            if any(True for _ in layer.parameters()):
-                names.append(f"{block}.{j}")
+        if blocks is None:
+            continue
+        block_names = [group] if group == "middle_block" else [f"{group}.{i}" for i in range(len(blocks))]
+        for block in block_names:
+            for j, layer in enumerate(comfy.utils.get_attr(diffusion_model, block)):
+                if any(True for _ in layer.parameters()):
+                    names.append(f"{block}.{j}")
     return names
 
 
+def dit_blocks(diffusion_model, target_paths: list[str]) -> list[str]:
+    """The transformer blocks holding the targets: for each target, the item of the first ModuleList
+    on its path (double_blocks.3, blocks.7, layers.0, double_stream_blocks.1, ...)."""
+    blocks = []
+    for path in target_paths:
+        parts, module = path.split("."), diffusion_model
+        for i, part in enumerate(parts):
+            if isinstance(module, torch.nn.ModuleList) and part.isdigit():
+                name = ".".join(parts[: i + 1])
+                if name not in blocks:
+                    blocks.append(name)
+                break
+            module = getattr(module, part, None) if not part.isdigit() else module[int(part)]
+            if module is None:
+                break
+    return blocks
+
+
+def _is_unet(diffusion_model) -> bool:
+    return getattr(diffusion_model, "input_blocks", None) is not None
+
+
 def attach_trainable(model, preset: str, rank: int, alpha: float, seed: int, init: str,
-                     checkpointing: bool) -> tuple[object, dict[str, LoRATrainLayer]]:
+                     checkpointing: bool, family_name: str | None = None) -> tuple[object, dict[str, LoRATrainLayer]]:
     """A clone whose target linears carry trainable LoRA layers (object patches, removed on unpatch)."""
+    family_name = family_name or model_family(model)
     trainer = model.clone()
-    trainer.weight_inplace_update = False
+    comfy_compat.copy_weights_before_patching(trainer)
     shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.")}
-    keys = select_targets(shapes, preset)
-    if not keys:
-        raise LoRAError(f"Train LoRA: no '{preset}' layers found in this model.")
+    keys = training_targets(model, preset, family_name)
     g = torch.Generator().manual_seed(seed)
     layers = {}
+    diffusion_model = trainer.model.diffusion_model
+    dit = not _is_unet(diffusion_model)
     for key in keys:
         path = key[: -len(".weight")]
         module = comfy.utils.get_attr(trainer.model, path)
         out_features, in_features = shapes[key]
         layer = LoRATrainLayer(in_features, out_features, rank, alpha, g, init, name=path)
-        trainer.add_object_patch(f"{path}.forward", TrainForward(module, layer))
+        trainer.add_object_patch(f"{path}.forward", TrainForward(module, layer, private_input=dit))
         layers[key] = layer
-    for name, module in trainer.model.diffusion_model.named_modules():
-        in_dit_block = ".double_blocks." in f".{name}" or ".single_blocks." in f".{name}"
-        if isinstance(module, torch.nn.LayerNorm) and in_dit_block:
-            trainer.add_object_patch(f"diffusion_model.{name}.forward", CloneInputForward(module))
-    if checkpointing:
-        for name in _checkpoint_blocks(trainer.model.diffusion_model):
-            block = comfy.utils.get_attr(trainer.model.diffusion_model, name)
-            trainer.add_object_patch(f"diffusion_model.{name}.forward", CheckpointedForward(block))
+    if not dit:
+        checkpointed, clone_inputs = (_unet_layers(diffusion_model) if checkpointing else []), False
+    else:
+        blocks = dit_blocks(diffusion_model, [k[len("diffusion_model."):] for k in keys])
+        checkpointed, clone_inputs = (blocks if checkpointing else []), True
+        _protect_norm_inputs(trainer, diffusion_model, blocks)
+    for name in checkpointed:
+        block = comfy.utils.get_attr(diffusion_model, name)
+        trainer.add_object_patch(f"diffusion_model.{name}.forward",
+                                 CheckpointedForward(block, clone_inputs=clone_inputs))
     # Weights loaded by other nodes are inference tensors, which autograd cannot save. A patch on every
     # weight makes ComfyUI swap in trainable-safe ones during training (and restore the originals after).
     alias = AutogradSafeWeight(trainer)
     trainer.add_patches({k: alias for k in shapes}, 1.0)
     return trainer, layers
+
+
+def _protect_norm_inputs(trainer, diffusion_model, blocks: list[str]) -> None:
+    """DiT blocks normalise the residual stream, then update it in place: each norm inside them
+    gets a private copy of its input while gradients are recorded (CloneInputForward)."""
+    for block in blocks:
+        for name, module in comfy.utils.get_attr(diffusion_model, block).named_modules():
+            if "norm" in type(module).__name__.lower() and name:
+                trainer.add_object_patch(f"diffusion_model.{block}.{name}.forward", CloneInputForward(module))
+
+
+def training_targets(model, preset: str, family_name: str) -> list[str]:
+    """The weight keys Train LoRA would train on this model; a clear error, before any work, when none."""
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.")}
+    keys = select_targets(shapes, preset, family_name)
+    if not keys:
+        raise LoRAError(f"Train LoRA: this {family_name} model has no '{preset}' linear layers to train "
+                        "(no attention projections were found by its names). Pick another model or targets preset.")
+    return keys
 
 
 class AutogradSafeWeight(WeightAdapterBase):
@@ -215,8 +269,7 @@ class AutogradSafeWeight(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        backup = self.patcher.backup.get(key)
-        original = None if backup is None else backup.weight
+        original = comfy_compat.original_weight(self.patcher, key)
         if original is None or (original.device, original.shape) != (weight.device, weight.shape):
             return weight
         with torch.inference_mode(False):
@@ -231,11 +284,7 @@ def load_for_training(trainer) -> torch.device:
 
 def unload(trainer) -> None:
     """Give the training clone's memory back and restore the original weights."""
-    for index, loaded in enumerate(list(mm.current_loaded_models)):
-        if loaded.model is trainer:
-            loaded.model_unload()
-            mm.current_loaded_models.pop(index)
-            break
+    comfy_compat.unload_model(trainer)
 
 
 def layers_to_lora(layers: dict[str, LoRATrainLayer], name: str) -> LoRA:
@@ -269,7 +318,7 @@ _WEIGHTS_SHA256: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.Wea
 def weights_sha256(model) -> str:
     """Fingerprint of the base model's weights, for the file's provenance."""
     # Only the pure base is memoised: no patches on this MODEL and none written into the module now.
-    pure = not model.patches and getattr(model.model, "current_weight_patches_uuid", None) is None
+    pure = not comfy_compat.has_weight_patches(model) and not comfy_compat.weights_written_into_module(model)
     if pure and model.model in _WEIGHTS_SHA256:
         return _WEIGHTS_SHA256[model.model]
     digest = hashlib.sha256()

@@ -4,9 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 
 import comfy.model_management as mm
+import folder_paths
 import torch
 from comfy_api.latest import io
 
@@ -21,6 +23,7 @@ from ..lora_core.training import (
     TrainHooks,
     TrainingDiverged,
     TrainSettings,
+    make_optimizer,
     train,
 )
 from ..lora_core.training.state_io import STATE_SUFFIX, load_optimizer_state, save_optimizer_state
@@ -31,6 +34,7 @@ from .lora_files import load_named_lora, lora_names, lora_path, output_path
 from .lw_types import LW_LORA
 from .train_bridge import (
     attach_trainable,
+    collate_host_conds,
     denoiser,
     encode_dataset,
     image_sha256,
@@ -40,6 +44,8 @@ from .train_bridge import (
     noise_model_of,
     prepare_images,
     split_captions,
+    training_context,
+    training_targets,
     unload,
     weights_sha256,
 )
@@ -132,7 +138,7 @@ class TrainLoRA(io.ComfyNode):
             return _run(args, cls.hidden.unique_id if cls.hidden else None)
 
 
-def _settings(a: dict, start_step: int) -> TrainSettings:
+def _settings(a: dict) -> TrainSettings:
     return TrainSettings(steps=a["steps"], learning_rate=a["learning_rate"], batch_size=a["batch_size"],
                          grad_accumulation=a["grad_accumulation"], optimizer=a["optimizer"],
                          lr_schedule=a["lr_schedule"], warmup_steps=min(a["warmup_steps"], a["steps"]),
@@ -140,97 +146,177 @@ def _settings(a: dict, start_step: int) -> TrainSettings:
 
 
 def _run(a: dict, node_id):
-    name = a["output_name"].strip().removesuffix(".safetensors")
-    if not name:
-        raise LoRAError("Train LoRA: give an output_name.")
-    final_path = output_path(name)  # refuses names that leave the loras folder, before any work
-    alpha = a["alpha"] or float(a["rank"])
-    captions = split_captions(a["captions"], a["trigger_word"], sum(img.shape[0] for img in a["images"]))
-    images = prepare_images(a["images"], a["resolution"], a["bucketing"])
-    model, clip, vae = a["model"], a["clip"], a["vae"]
-    samples = encode_dataset(model, clip, vae, images, captions)
+    run = TrainingRun(a, node_id)
+    samples = run.encode()
+    run.train(samples)
+    return run.outputs()
 
-    trainer, layers = attach_trainable(model, a["targets"], a["rank"], alpha, a["seed"], "kaiming",
-                                       a["gradient_checkpointing"])
-    start_step, optimizer_state = 0, None
-    if a["resume_from"] != NONE:
-        load_layers(layers, load_named_lora(a["resume_from"]))
-        state_path = lora_path(a["resume_from"]) + STATE_SUFFIX
-        if os.path.exists(state_path):
-            optimizer_state, start_step = load_optimizer_state(state_path)
-    settings = _settings(a, start_step)
-    params = [p for layer in layers.values() for p in layer.parameters()]
-    provenance = {"base_model_sha256": weights_sha256(model), "images_sha256": [image_sha256(i) for i in images],
-                  "captions_sha256": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
-                  "settings": {k: v for k, v in a.items() if k not in ("model", "clip", "vae", "images")},
-                  "pack_version": PACK_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    family = model_family(model)
-    saved: dict = {"last_good": None}
-    previews: list[torch.Tensor] = []
-    losses: list[float] = []
-    began = time.perf_counter()
 
-    def save(path: str, step: int, partial: bool, optimizer=None) -> None:
-        lora = layers_to_lora(layers, os.path.basename(path))
-        meta = build_metadata(title=name, base_family=family, rank=a["rank"], alpha=alpha, scope=a["scope"],
-                              provenance=provenance, trigger_words=[a["trigger_word"]] if a["trigger_word"] else (),
-                              training={"steps": step, "learning_rate": a["learning_rate"], "images": len(images),
-                                        "resolution": a["resolution"]},
-                              extra={"lw.steps": str(step), "lw.partial": str(partial).lower()})
+class TrainingRun:
+    """One Train LoRA run: checks (before any work), encoding, training, saving, outputs.
+
+    Everything a save needs is checked in __init__, so a finished run cannot die at its save; and
+    however the run ends (done, cancelled through any of ComfyUI's interrupt paths, diverged), what
+    was learned is written to disk.
+    """
+
+    def __init__(self, a: dict, node_id=None):
+        self.a, self.node_id = a, node_id
+        self.name = a["output_name"].strip().removesuffix(".safetensors")
+        if not self.name:
+            raise LoRAError("Train LoRA: give an output_name.")
+        self.final_path = output_path(self.name)  # refuses names that leave the loras folder, before any work
+        check_writable_folder(os.path.dirname(self.final_path))
+        self.alpha = a["alpha"] or float(a["rank"])
+        self.model = a["model"]
+        self.family = model_family(self.model)
+        self.targets = training_targets(self.model, a["targets"], self.family)  # none: refused now
+        self.settings = _settings(a)
+        self.settings.validate()
+        self.start_step, self.optimizer_state = 0, None
+        self.resume = load_named_lora(a["resume_from"]) if a["resume_from"] != NONE else None
+        if self.resume is not None:
+            state_path = lora_path(a["resume_from"]) + STATE_SUFFIX
+            if os.path.exists(state_path):
+                self.optimizer_state, self.start_step = load_optimizer_state(state_path)
+        self.images: list[torch.Tensor] = []
+        self.captions: list[str] = []
+        self.layers: dict = {}
+        self.losses: list[float] = []
+        self.previews: list[torch.Tensor] = []
+        self.last_good: str | None = None
+        self.steps_done = self.start_step
+        self.seconds = self.began = 0.0
+        self.provenance = {"base_model_sha256": weights_sha256(self.model),
+                           "settings": {k: v for k, v in a.items() if k not in ("model", "clip", "vae", "images")},
+                           "pack_version": PACK_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self._metadata(0, partial=False)  # metadata that cannot be built fails here, not after training
+
+    # ------------------------------------------------------------ data
+    def encode(self) -> list:
+        a = self.a
+        self.captions = split_captions(a["captions"], a["trigger_word"], sum(img.shape[0] for img in a["images"]))
+        self.images = prepare_images(a["images"], a["resolution"], a["bucketing"])
+        self.provenance["images_sha256"] = [image_sha256(i) for i in self.images]
+        self.provenance["captions_sha256"] = hashlib.sha256("\n".join(self.captions).encode()).hexdigest()
+        return encode_dataset(self.model, a["clip"], a["vae"], self.images, self.captions)
+
+    # ------------------------------------------------------------ training
+    def train(self, samples: list) -> None:
+        a, settings = self.a, self.settings
+        trainer, self.layers = attach_trainable(self.model, a["targets"], a["rank"], self.alpha, a["seed"], "kaiming",
+                                                a["gradient_checkpointing"], self.family)
+        if self.resume is not None:
+            load_layers(self.layers, self.resume)
+        params = [p for layer in self.layers.values() for p in layer.parameters()]
+        optimizer = make_optimizer(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
+        hooks = TrainHooks(on_step=lambda step, loss, lr: self._on_step(trainer, step, loss, lr),
+                           should_stop=mm.processing_interrupted, on_checkpoint=self._checkpoint,
+                           checkpoint_every=a["save_every"])
+        self.began = time.perf_counter()
+        try:
+            device = load_for_training(trainer)
+            with training_context():
+                result, _ = train(self._denoiser(trainer, device), samples, params, noise_model_of(trainer),
+                                  settings, hooks, device, start_step=self.start_step,
+                                  optimizer_state=self.optimizer_state, collate=collate_host_conds,
+                                  optimizer=optimizer)
+        except TrainingDiverged as e:
+            kept = f" The last good save is {self.last_good}." if self.last_good else " Nothing was saved."
+            raise LoRAError(f"{e}{kept}") from e
+        except mm.InterruptProcessingException:
+            # ComfyUI interrupts from inside any op and from its progress hook: keep what was learned.
+            self._save_final(optimizer, partial=True)
+            raise
+        finally:
+            self.seconds = time.perf_counter() - self.began
+            unload(trainer)
+        self.steps_done = max(result.steps_done, self.start_step)
+        self._save_final(optimizer, partial=result.stopped_early)
+        if result.stopped_early:  # cancel seen by the loop: saved (marked partial); tell ComfyUI it stopped
+            raise mm.InterruptProcessingException()
+
+    def _denoiser(self, trainer, device):
+        denoise = denoiser(trainer)
+        dtype = DTYPES[self.a["training_dtype"]]
+        if dtype == torch.float32:
+            return denoise
+
+        def autocast_denoise(x, s, c):  # autocast the base model; LoRA parameters stay fp32
+            with torch.autocast(device.type, dtype=dtype):
+                return denoise(x, s, c).float()
+        return autocast_denoise
+
+    def _on_step(self, trainer, step: int, loss: float, lr: float) -> None:
+        a = self.a
+        self.steps_done = step
+        self.losses.append(loss)
+        elapsed = time.perf_counter() - self.began
+        eta = elapsed / max(step - self.start_step, 1) * (self.settings.steps - step)
+        send_progress(self.node_id, step, self.settings.steps, loss, lr, eta)
+        if a["sample_every"] and a["sample_prompt"] and step % a["sample_every"] == 0:
+            self.previews.append(render_samples(trainer, a["clip"], a["vae"], a["sample_prompt"], a["seed"],
+                                                self.images[0].shape))
+            send_progress(self.node_id, step, self.settings.steps, loss, lr, eta, preview=self.previews[-1])
+
+    # ------------------------------------------------------------ saving
+    def _metadata(self, step: int, partial: bool) -> dict:
+        a = self.a
+        return build_metadata(title=self.name, base_family=self.family, rank=a["rank"], alpha=self.alpha,
+                              scope=a["scope"], provenance=self.provenance,
+                              trigger_words=[a["trigger_word"]] if a["trigger_word"] else (),
+                              training={"steps": step, "learning_rate": a["learning_rate"],
+                                        "images": len(self.images), "resolution": a["resolution"]},
+                              extra={"lw.steps": str(step), "lw.partial": str(partial).lower(),
+                                     "lw.base_family": self.family})
+
+    def _save(self, path: str, step: int, partial: bool, optimizer=None) -> None:
+        lora = layers_to_lora(self.layers, os.path.basename(path))
+        try:
+            meta = self._metadata(step, partial)
+        except Exception as e:  # the weights are what took the time: save them with what is known
+            save_lora(path, lora, {"lw.steps": str(step), "lw.partial": str(partial).lower()})
+            raise LoRAError(f"Train LoRA: the LoRA's weights were saved to {path}, but its metadata could not be "
+                            f"written ({e}).") from e
         save_lora(path, lora, meta)
         if optimizer is not None:
             save_optimizer_state(path + STATE_SUFFIX, optimizer, step)
-        saved["last_good"] = os.path.basename(path)
+        self.last_good = os.path.basename(path)
 
-    optimizer_box: dict = {}
+    def _save_final(self, optimizer, partial: bool) -> None:
+        try:
+            self._save(self.final_path, self.steps_done, partial, optimizer)
+        except OSError as e:  # the folder went away or filled up mid-run: keep the work elsewhere
+            rescue = os.path.join(folder_paths.get_temp_directory(), os.path.basename(self.final_path))
+            self._save(rescue, self.steps_done, partial, optimizer)
+            raise LoRAError(f"Train LoRA: could not write {self.final_path} ({e}); the trained LoRA was saved to "
+                            f"{rescue} instead: move it into models/loras.") from e
 
-    def on_step(step: int, loss: float, lr: float) -> None:
-        losses.append(loss)
-        elapsed = time.perf_counter() - began
-        done = step - start_step
-        eta = elapsed / max(done, 1) * (settings.steps - step)
-        send_progress(node_id, step, settings.steps, loss, lr, eta)
-        if a["sample_every"] and a["sample_prompt"] and step % a["sample_every"] == 0:
-            previews.append(render_samples(trainer, clip, vae, a["sample_prompt"], a["seed"], images[0].shape))
-            send_progress(node_id, step, settings.steps, loss, lr, eta, preview=previews[-1])
+    def _checkpoint(self, step: int) -> None:
+        self._save(output_path(f"{self.name}-{step:06d}"), step, partial=False)
 
-    def checkpoint(step: int) -> None:
-        save(output_path(f"{name}-{step:06d}"), step, partial=False)
+    # ------------------------------------------------------------ outputs
+    def outputs(self) -> io.NodeOutput:
+        a, model = self.a, self.model
+        file_name = os.path.relpath(self.final_path, os.path.dirname(output_path("x")))
+        lora = layers_to_lora(self.layers, file_name)
+        lora.metadata = {"lw.scope": a["scope"], "modelspec.trigger_phrase": a["trigger_word"]}
+        match = match_on_host(lora, model, None)
+        new_model, _, _ = apply_layers(model, None, plan_layers([(match, 1.0, 0.0)]), [], MERGE)
+        loss_image = render_loss_curve(self.losses or [float("nan")], title=f"loss: {file_name}")
+        sample_image = torch.cat(self.previews) if self.previews else torch.zeros(1, 64, 64, 3)
+        summary = {"file": file_name, "steps": self.steps_done, "seconds": round(self.seconds, 2),
+                   "final_loss": self.losses[-1] if self.losses else None}
+        return io.NodeOutput(new_model, a["clip"], lora, loss_image, sample_image, file_name,
+                             ui={"lw_train": [json.dumps(summary)], "lw_loss": self.losses})
 
-    hooks = TrainHooks(on_step=on_step, should_stop=mm.processing_interrupted, on_checkpoint=checkpoint,
-                       checkpoint_every=a["save_every"])
-    dtype = DTYPES[a["training_dtype"]]
+
+def check_writable_folder(folder: str) -> None:
+    """Refuse, before training, a loras folder the run could not save into."""
     try:
-        device = load_for_training(trainer)
-        denoise = denoiser(trainer)
-        if dtype != torch.float32:
-            plain = denoise
-
-            def denoise(x, s, c):  # autocast the base model; LoRA parameters stay fp32
-                with torch.autocast(device.type, dtype=dtype):
-                    return plain(x, s, c).float()
-        result, optimizer = train(denoise, samples, params, noise_model_of(trainer), settings, hooks, device,
-                                  start_step=start_step, optimizer_state=optimizer_state)
-        optimizer_box["opt"] = optimizer
-    except TrainingDiverged as e:
-        kept = f" The last good save is {saved['last_good']}." if saved["last_good"] else " Nothing was saved."
-        raise LoRAError(f"{e}{kept}") from e
-    finally:
-        unload(trainer)
-
-    steps_done = max(result.steps_done, start_step)
-    save(final_path, steps_done, partial=result.stopped_early, optimizer=optimizer_box.get("opt"))
-    file_name = os.path.relpath(final_path, os.path.dirname(output_path("x")))
-    if result.stopped_early:  # cancel: what was learned is saved (marked partial); tell ComfyUI it stopped
-        raise mm.InterruptProcessingException()
-
-    lora = layers_to_lora(layers, file_name)
-    lora.metadata = {"lw.scope": a["scope"], "modelspec.trigger_phrase": a["trigger_word"]}
-    match = match_on_host(lora, model, None)
-    new_model, _, _ = apply_layers(model, None, plan_layers([(match, 1.0, 0.0)]), [], MERGE)
-    loss_image = render_loss_curve(losses or [float("nan")], title=f"loss: {file_name}")
-    sample_image = torch.cat(previews) if previews else torch.zeros(1, 64, 64, 3)
-    summary = {"file": file_name, "steps": steps_done, "seconds": round(result.seconds, 2),
-               "final_loss": losses[-1] if losses else None}
-    return io.NodeOutput(new_model, clip, lora, loss_image, sample_image, file_name,
-                         ui={"lw_train": [json.dumps(summary)], "lw_loss": losses})
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".lw_write_check_"):
+            pass
+    except OSError as e:
+        raise LoRAError(f"Train LoRA: cannot write into {folder} ({e.strerror or e}); the trained LoRA could not be "
+                        "saved there. Fix the folder's permissions or pick another output_name folder.") from e

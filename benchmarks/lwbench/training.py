@@ -36,7 +36,7 @@ def _data(hub, model):
     latents = [torch.randn(4, LATENT, LATENT, generator=g) for _ in range(4)]
     cond = torch.randn(1, 77, 768, generator=g)
     with torch.inference_mode():
-        samples = [tr.Sample(lat.clone(), tb.model_conds(model, cond.clone(), None, lat)) for lat in latents]
+        samples = tb.build_samples(model, latents, [[cond, {"pooled_output": None}]] * len(latents))
     return latents, cond, samples
 
 
@@ -57,7 +57,9 @@ def _ours(hub, model, samples, steps: int) -> dict:
             try:
                 device = tb.load_for_training(trainer)
                 t_ready = time.perf_counter()
-                tr.train(tb.denoiser(trainer), samples, params, tb.noise_model_of(trainer), settings, hooks, device)
+                with tb.training_context():
+                    tr.train(tb.denoiser(trainer), samples, params, tb.noise_model_of(trainer), settings, hooks,
+                             device, collate=tb.collate_host_conds)
             finally:
                 tb.unload(trainer)
             t_end = time.perf_counter()

@@ -44,16 +44,22 @@ class LoRATrainLayer(torch.nn.Module):
 
 
 class TrainForward:
-    """Forward of a frozen linear plus a trainable LoRA layer (optionally on a slice of its outputs)."""
+    """Forward of a frozen linear plus a trainable LoRA layer (optionally on a slice of its outputs).
+
+    private_input: the LoRA keeps its input for the backward pass (the gradient of A needs it); DiT
+    blocks feed some linears the residual stream itself and update it in place afterwards
+    (LTX-Video: `x += attn2(x)`), so there the LoRA keeps a copy.
+    """
 
     def __init__(self, module: torch.nn.Module, layer: LoRATrainLayer, offset: tuple[int, int, int] | None = None,
-                 inner=None):
+                 inner=None, private_input: bool = False):
         self.module, self.layer, self.offset, self.inner = module, layer, offset, inner
+        self.private_input = private_input
 
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.inner(x, *args, **kwargs) if self.inner is not None else \
             type(self.module).forward(self.module, x, *args, **kwargs)
-        extra = self.layer(x)
+        extra = self.layer(x.clone() if self.private_input and torch.is_grad_enabled() else x)
         if self.offset is not None:
             _, start, length = self.offset
             extra = F.pad(extra, (start, base.shape[-1] - start - length))
@@ -63,8 +69,8 @@ class TrainForward:
 class CloneInputForward:
     """Give a module a private copy of its input while gradients are recorded.
 
-    DiT blocks (Flux) normalise the residual stream and later update it in place (`x += ...`);
-    the norm keeps its input for the backward pass, so it must not be the tensor updated.
+    DiT blocks normalise the residual stream and later update it in place (`x += ...`); the
+    norm keeps its input for the backward pass, so it must not be the tensor updated.
     """
 
     def __init__(self, module: torch.nn.Module, inner=None):
@@ -78,13 +84,24 @@ class CloneInputForward:
         return type(self.module).forward(self.module, x, *args, **kwargs)
 
 
-class CheckpointedForward:
-    """Recompute a block in the backward pass instead of keeping its activations (saves memory)."""
+def _private(value):
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
-    def __init__(self, module: torch.nn.Module, inner=None):
-        self.module, self.inner = module, inner
+
+class CheckpointedForward:
+    """Recompute a block in the backward pass instead of keeping its activations (saves memory).
+
+    clone_inputs: DiT blocks update their inputs in place (`img += ...`); the checkpoint keeps
+    those inputs to recompute the block, so the block must work on private copies of them.
+    """
+
+    def __init__(self, module: torch.nn.Module, inner=None, clone_inputs: bool = False):
+        self.module, self.inner, self.clone_inputs = module, inner, clone_inputs
 
     def _run(self, *args, **kwargs):
+        if self.clone_inputs:
+            args = tuple(_private(a) for a in args)
+            kwargs = {k: _private(v) for k, v in kwargs.items()}
         if self.inner is not None:
             return self.inner(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)

@@ -49,8 +49,20 @@ class TrainSettings:
 
 @dataclass
 class Sample:
-    latent: torch.Tensor             # [C, H, W] clean latent, as the model sees it
-    cond: dict[str, torch.Tensor]    # per-sample conditioning, each with a leading batch dim of 1
+    latent: torch.Tensor    # [C, H, W] (or [C, T, H, W]) clean latent, as the model sees it
+    cond: dict              # per-sample conditioning: tensors with a leading batch dim of 1, or other values
+
+
+def collate_conds(conds: list[dict], device) -> dict:
+    """Batch per-sample conditionings: tensors concatenated along the batch, other values (ints,
+    flags) taken from the first sample. A host may pass its own (e.g. padding token lengths)."""
+    out = {}
+    for key, first in conds[0].items():
+        if isinstance(first, torch.Tensor):
+            out[key] = torch.cat([c[key] for c in conds]).to(device)
+        else:
+            out[key] = first
+    return out
 
 
 @dataclass
@@ -77,11 +89,9 @@ def _buckets(samples: list[Sample]) -> list[list[int]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def _batch(samples: list[Sample], indices: list[int], device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _batch(samples: list[Sample], indices: list[int], device, collate: Callable) -> tuple[torch.Tensor, dict]:
     latent = torch.stack([samples[i].latent for i in indices]).to(device)
-    keys = samples[indices[0]].cond.keys()
-    cond = {k: torch.cat([samples[i].cond[k] for i in indices]).to(device) for k in keys}
-    return latent, cond
+    return latent, collate([samples[i].cond for i in indices], device)
 
 
 def _pick(buckets: list[list[int]], batch_size: int, g: torch.Generator) -> list[int]:
@@ -94,15 +104,19 @@ def _pick(buckets: list[list[int]], batch_size: int, g: torch.Generator) -> list
 def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parameter], noise_model: NoiseModel,
           settings: TrainSettings, hooks: TrainHooks | None = None, device="cpu", start_step: int = 0,
           optimizer_state: dict | None = None, target: Callable | None = None,
+          collate: Callable = collate_conds, optimizer: torch.optim.Optimizer | None = None,
           ) -> tuple[TrainResult, torch.optim.Optimizer]:
     """Run settings.steps - start_step optimizer steps. `target(x_t, sigma, cond)`, when given, replaces
-    the clean latent as the regression target (distilling a teacher's denoiser)."""
+    the clean latent as the regression target (distilling a teacher's denoiser). `collate(conds, device)`
+    batches the samples' conditionings. A caller that passes its own `optimizer` keeps it, and with it
+    what was learned, when an exception (a host's interrupt) leaves the loop mid-way."""
     settings.validate()
     hooks = hooks or TrainHooks()
     if not samples:
         raise LoRAError("Train LoRA: no training images.")
     g = torch.Generator().manual_seed(settings.seed + start_step)
-    optimizer = make_optimizer(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
+    if optimizer is None:
+        optimizer = make_optimizer(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     buckets, result, began = _buckets(samples), TrainResult(), time.perf_counter()
@@ -115,7 +129,7 @@ def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parame
             group["lr"] = lr
         total = 0.0
         for _ in range(settings.grad_accumulation):
-            x0, cond = _batch(samples, _pick(buckets, settings.batch_size, g), device)
+            x0, cond = _batch(samples, _pick(buckets, settings.batch_size, g), device, collate)
             noise = sample_noise(x0, g, settings.noise_offset)
             sigma = noise_model.sigma_of(torch.rand(x0.shape[0], generator=g, dtype=torch.float64)).float().to(device)
             x_t = noise_model.add_noise(x0, noise, sigma)

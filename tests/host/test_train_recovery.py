@@ -45,11 +45,11 @@ def _teacher(denoise):
     return target
 
 
-def _held_out(denoise, noise_model, samples, seed=1234, n=16):
+def _held_out(denoise, noise_model, samples, collate, seed=1234, n=16):
     from lora_core.training.loop import _batch
     g = torch.Generator().manual_seed(seed)
     idx = [int(i) for i in torch.randint(len(samples), (n,), generator=g)]
-    x0, cond = _batch(samples, idx, "cpu")
+    x0, cond = _batch(samples, idx, "cpu", collate)
     sigma = noise_model.sigma_of(torch.rand(n, generator=g, dtype=torch.float64)).float()
     x_t = noise_model.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
     with torch.no_grad():
@@ -68,13 +68,14 @@ def _recover(comfy_host, model, samples, steps, lr, teacher_scale, schedule="con
         try:
             device = bridge.load_for_training(trainer)
             denoise, noise_model = bridge.denoiser(trainer), bridge.noise_model_of(trainer)
-            before = _held_out(denoise, noise_model, samples)
-            params = [p for layer in layers.values() for p in layer.parameters()]
-            settings = training.TrainSettings(steps=steps, learning_rate=lr, batch_size=4, seed=5,
-                                              lr_schedule=schedule, min_snr_gamma=5.0)
-            result, _ = training.train(denoise, samples, params, noise_model, settings, device=device,
-                                       target=_teacher(denoise))
-            after = _held_out(denoise, noise_model, samples)
+            with bridge.training_context():
+                before = _held_out(denoise, noise_model, samples, bridge.collate_host_conds)
+                params = [p for layer in layers.values() for p in layer.parameters()]
+                settings = training.TrainSettings(steps=steps, learning_rate=lr, batch_size=4, seed=5,
+                                                  lr_schedule=schedule, min_snr_gamma=5.0)
+                result, _ = training.train(denoise, samples, params, noise_model, settings, device=device,
+                                           target=_teacher(denoise), collate=bridge.collate_host_conds)
+                after = _held_out(denoise, noise_model, samples, bridge.collate_host_conds)
         finally:
             bridge.unload(trainer)
     return before, after, result.losses, noise_model.prediction
@@ -94,13 +95,11 @@ def test_sd15_epsilon_model_recovers_the_teacher(comfy_host):
         model, clip = comfy_host.nodes.CheckpointLoaderSimple().load_checkpoint(SD15)[:2]
     captions = ["a red fox", "a lighthouse", "a bowl of fruit", "a city at night"]
     g = torch.Generator().manual_seed(0)
-    samples = []
+    bridge = pack.nodes.train_bridge
     with torch.no_grad():
-        for i in range(8):
-            cond, pooled = clip.encode_from_tokens(clip.tokenize(captions[i % 4]), return_pooled=True)
-            latent = torch.randn(4, 8, 8, generator=g)
-            samples.append(pack.lora_core.training.Sample(
-                latent, pack.nodes.train_bridge.model_conds(model, cond.clone(), pooled, latent)))
+        conditionings = bridge.encode_captions(clip, captions)
+        latents = [torch.randn(4, 8, 8, generator=g) for _ in range(8)]
+        samples = bridge.build_samples(model, latents, [conditionings[captions[i % 4]] for i in range(8)])
     before, after, losses, prediction = _recover(comfy_host, model, samples, steps=160, lr=5e-3, teacher_scale=0.3)
     assert prediction == "eps"
     _assert_learned(before, after, losses)
@@ -110,13 +109,12 @@ def test_flux_flow_matching_model_recovers_the_teacher(comfy_host):
     pack = comfy_host.pack
     model = comfy_host.nodes.UNETLoader().load_unet("lw_tiny_flux.safetensors", "default")[0]
     g = torch.Generator().manual_seed(1)
-    samples = []
+    latents, conditionings = [], []
     for _ in range(8):  # no tiny Flux text encoder: conditioning of the documented shapes, seeded
-        latent = torch.randn(16, 8, 8, generator=g)
+        latents.append(torch.randn(16, 8, 8, generator=g))
         cross = torch.randn(1, 8, 32, generator=g)
-        pooled = torch.randn(1, 32, generator=g)
-        samples.append(pack.lora_core.training.Sample(latent, pack.nodes.train_bridge.model_conds(model, cross,
-                                                                                                   pooled, latent)))
+        conditionings.append([cross, {"pooled_output": torch.randn(1, 32, generator=g)}])
+    samples = pack.nodes.train_bridge.build_samples(model, latents, conditionings)
     before, after, losses, prediction = _recover(comfy_host, model, samples, steps=300, lr=1e-2, teacher_scale=0.3,
                                                   schedule="cosine")
     assert prediction == "flow"
