@@ -7,8 +7,8 @@ import urllib.request
 
 import pytest
 
-OUR_NODES = {"LW_LoadLoRA": "Load LoRA", "LW_StackLoRA": "Stack LoRA", "LW_TrainLoRA": "Train LoRA",
-             "LW_MergeLoRA": "Merge LoRA"}
+OUR_NODES = {"LW_LoadLoRA": "Load LoRA (Workbench)", "LW_StackLoRA": "Stack LoRA (Workbench)",
+             "LW_TrainLoRA": "Train LoRA (Workbench)", "LW_MergeLoRA": "Merge LoRA (Workbench)"}
 SD15 = "lw_tiny_sd15.safetensors"
 STYLE = "lw_demo_style.safetensors"  # trigger phrase 'lwstyle' (tests/host_fixture/demo_lora.py)
 EDITOR = "[data-lw-editor='LW_StackLoRA']"
@@ -24,7 +24,6 @@ def test_node_search_finds_and_adds_our_four_nodes(ui):
         box = ui.page.locator(".comfy-vue-node-search-box input:visible")
         box.wait_for(timeout=10_000)
         box.fill(display)
-        # core has a "Load LoRA" too: ours is the one in the pack's category
         option = ui.page.locator(".p-autocomplete-option").filter(has_text=display).filter(
             has_text="LoRA Workbench").first
         option.wait_for(state="visible", timeout=10_000)
@@ -41,6 +40,21 @@ def test_node_search_finds_and_adds_our_four_nodes(ui):
     for node_type in OUR_NODES:
         ui.add_node(node_type, (1200, 100))
     assert sorted(_node_types(ui)) == sorted(list(OUR_NODES) * 2)
+
+
+def test_node_search_tells_ours_apart_from_cores_load_and_train_lora(ui):
+    for word in ("Load LoRA", "Train LoRA"):
+        ui.page.mouse.dblclick(500, 400)
+        box = ui.page.locator(".comfy-vue-node-search-box input:visible")
+        box.wait_for(timeout=10_000)
+        box.fill(word)
+        ui.page.locator(f".p-autocomplete-option[aria-label='{word} (Workbench)']").wait_for(timeout=10_000)
+        listed = ui.js("() => [...document.querySelectorAll('.p-autocomplete-option')].map(o => o.innerText)")
+        by_name = {text.split("\n")[0].strip(): text for text in listed}
+        assert "Comfy Core" in by_name[word], listed  # core's node, under its own name
+        assert "LoRA Workbench" in by_name[f"{word} (Workbench)"], listed
+        ui.page.keyboard.press("Escape")
+        box.wait_for(state="hidden")
 
 
 def _stack_graph(ui, **values) -> dict:

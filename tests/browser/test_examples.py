@@ -206,7 +206,9 @@ def test_template_browser_lists_the_examples_with_thumbnails(ui, comfy_http):
     for path in EXAMPLES:  # the card's thumbnail: <name>.jpg beside the workflow
         status, body = _get(f"{comfy_http.url}/api/workflow_templates/lora_workbench/{path.stem}.jpg", raw=True)
         assert status == 200 and body[:3] == b"\xff\xd8\xff", f"{path.stem}.jpg is missing"
-    ui.js("() => app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    # the README's path: the ComfyUI logo menu, Browse Templates, then the pack under Extensions
+    ui.page.locator("svg.comfyui-logo").click()
+    ui.page.get_by_role("menuitem", name="Browse Templates").click()
     ui.page.get_by_text("lora_workbench", exact=True).first.click()
     for path in EXAMPLES:
         ui.page.get_by_text(path.stem, exact=True).first.wait_for(timeout=10_000)

@@ -27,3 +27,13 @@ def test_txt2img_over_http(comfy_http, tiny_txt2img):
     query = urllib.parse.urlencode({k: images[0][k] for k in ("filename", "subfolder", "type")})
     with urllib.request.urlopen(f"{comfy_http.url}/view?{query}", timeout=30) as response:
         assert response.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_our_display_names_differ_from_every_other_node_and_ids_stay(comfy_http):
+    info = comfy_http.get_json("/object_info")
+    ours = {node: info[node]["display_name"] for node in ("LW_LoadLoRA", "LW_StackLoRA", "LW_TrainLoRA", "LW_MergeLoRA")}
+    assert ours == {"LW_LoadLoRA": "Load LoRA (Workbench)", "LW_StackLoRA": "Stack LoRA (Workbench)",
+                    "LW_TrainLoRA": "Train LoRA (Workbench)", "LW_MergeLoRA": "Merge LoRA (Workbench)"}
+    others = {spec.get("display_name") or name: name for name, spec in info.items() if not name.startswith("LW_")}
+    assert others["Load LoRA"] == "LoraLoader" and others["Train LoRA"] == "TrainLoraNode"  # core's, for contrast
+    assert not set(ours.values()) & set(others), "a display name is also another node's"
