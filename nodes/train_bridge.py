@@ -173,9 +173,12 @@ def _unet_layers(diffusion_model) -> list[str]:
 
 
 def dit_blocks(diffusion_model, target_paths: list[str]) -> list[str]:
-    """The transformer blocks holding the targets: for each target, the item of the first ModuleList
-    on its path (double_blocks.3, blocks.7, layers.0, double_stream_blocks.1, ...)."""
-    blocks = []
+    """The transformer blocks gradients pass through: every item of the model's top-level block lists
+    (double_blocks, single_blocks, blocks, layers, ...), and for each target the item of the first
+    ModuleList on its path (txt_in.individual_token_refiner.blocks.0, ...)."""
+    blocks = [f"{name}.{i}" for name, child in diffusion_model.named_children()
+              if isinstance(child, torch.nn.ModuleList) and ("block" in name or name == "layers")
+              for i in range(len(child))]
     for path in target_paths:
         parts, module = path.split("."), diffusion_model
         for i, part in enumerate(parts):
@@ -218,7 +221,7 @@ def attach_trainable(model, preset: str, rank: int, alpha: float, seed: int, ini
     else:
         blocks = dit_blocks(diffusion_model, [k[len("diffusion_model."):] for k in keys])
         checkpointed, clone_inputs = (blocks if checkpointing else []), True
-        _protect_norm_inputs(trainer, diffusion_model, blocks)
+        _protect_norm_inputs(trainer, diffusion_model)
     for name in checkpointed:
         block = comfy.utils.get_attr(diffusion_model, name)
         trainer.add_object_patch(f"diffusion_model.{name}.forward",
@@ -230,13 +233,12 @@ def attach_trainable(model, preset: str, rank: int, alpha: float, seed: int, ini
     return trainer, layers
 
 
-def _protect_norm_inputs(trainer, diffusion_model, blocks: list[str]) -> None:
-    """DiT blocks normalise the residual stream, then update it in place: each norm inside them
+def _protect_norm_inputs(trainer, diffusion_model) -> None:
+    """DiT blocks normalise the residual stream, then update it in place: each norm module of the model
     gets a private copy of its input while gradients are recorded (CloneInputForward)."""
-    for block in blocks:
-        for name, module in comfy.utils.get_attr(diffusion_model, block).named_modules():
-            if "norm" in type(module).__name__.lower() and name:
-                trainer.add_object_patch(f"diffusion_model.{block}.{name}.forward", CloneInputForward(module))
+    for name, module in diffusion_model.named_modules():
+        if name and "norm" in type(module).__name__.lower():
+            trainer.add_object_patch(f"diffusion_model.{name}.forward", CloneInputForward(module))
 
 
 def training_targets(model, preset: str, family_name: str) -> list[str]:

@@ -227,3 +227,132 @@ def test_training_saves_a_file_core_loads_with_every_key(comfy_host, pack, famil
     assert max_relative_error(patched_weights(trained_model), patched_weights(core_model), keys) < 1e-5
     print(f"{family:14s} {len(keys):3d} layers  loss {run.losses[0]:.4g} -> {run.losses[-1]:.4g}  "
           f"checkpointing vs not: {gap:.1e}")
+
+
+def test_bfl_control_lora_with_biases_and_norm_scales_loads_as_core_does(comfy_host, pack):
+    """BFL's Flux control LoRAs (`double_blocks.0.img_attn.qkv.lora_A.weight`, `img_in.lora_B.bias`,
+    `...norm.key_norm.scale`) are converted by core before mapping; Load LoRA converts them the same way."""
+    model, keys, shapes = _setup("flux")
+    g = torch.Generator().manual_seed(21)
+    sd = {}
+    for key in keys + ["diffusion_model.img_in.weight"]:
+        name = key[len("diffusion_model."):-len(".weight")]
+        rows, cols = shapes[key]
+        cols = cols * 2 if name == "img_in" else cols  # control LoRAs widen img_in for the control latent
+        sd[f"{name}.lora_A.weight"] = torch.randn(2, cols, generator=g) * 0.3
+        sd[f"{name}.lora_B.weight"] = torch.randn(rows, 2, generator=g) * 0.3
+        sd[f"{name}.lora_B.bias"] = torch.randn(rows, generator=g) * 0.1
+    norms = [k for k in shapes if k.endswith(("norm.key_norm.scale", "norm.query_norm.scale"))]
+    assert "diffusion_model.single_blocks.0.norm.key_norm.scale" in norms
+    for key in norms:
+        sd[key[len("diffusion_model."):]] = 1.0 + torch.randn(shapes[key], generator=g) * 0.1
+    name = save_lora(comfy_host.loras_dir, "fam_flux_bfl_control.safetensors", sd)
+    mine, _, _, report = _ours(pack, name, model, strength=1.0)
+    theirs = comfy_host.nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 1.0)[0]
+    a, b, base = patched_weights(mine), patched_weights(theirs), model.model.state_dict()
+    changed = [k for k in a if a[k].shape != base[k].shape or not torch.equal(a[k], base[k])]
+    assert "diffusion_model.img_in.weight" in changed and a["diffusion_model.img_in.weight"].shape[1] == 128
+    assert set(norms) <= set(changed)
+    assert max_relative_error(a, b, list(b)) < 1e-6
+    modules = len(keys) + 1 + len(norms)
+    assert f"model: {modules} matched, 0 unmatched" in report
+
+
+def test_wan_fun_lora_names_load_as_core_converts_them(comfy_host, pack):
+    model, keys, shapes = _setup("wan21")
+    names = {"lora_unet__" + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): (k, None) for k in keys}
+    assert "lora_unet__blocks_0_cross_attn_k" in names
+    name = save_lora(comfy_host.loras_dir, "fam_wan_fun.safetensors", lora_for(names, shapes, seed=23))
+    mine, _, _, report = _ours(pack, name, model)
+    theirs = comfy_host.nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 0.8)[0]
+    assert max_relative_error(patched_weights(mine), patched_weights(theirs), keys) < 1e-5
+    assert f"model: {len(keys)} matched, 0 unmatched" in report and "made for: Wan 2.1" in report
+
+
+@pytest.mark.parametrize("lora_family, model_family", [("flux", "sdxl"), ("wan21", "flux"), ("sd3", "qwen_image")])
+def test_a_lora_for_another_family_is_refused_naming_both(comfy_host, pack, lora_family, model_family):
+    _, keys, shapes = _setup(lora_family)
+    name = _kohya_file(comfy_host, lora_family, keys, shapes, seed=31)
+    with pytest.raises(pack.lora_core.WrongBaseModelError) as err:
+        _ours(pack, name, tiny.build(model_family))
+    assert f"looks made for {FAMILY_NAME[lora_family]} but the MODEL given is {FAMILY_NAME[model_family]}" \
+        in str(err.value)
+
+
+def test_a_lora_of_the_same_family_but_another_size_never_names_one_family_twice(comfy_host, pack):
+    model, keys, shapes = _setup("flux")
+    wrong = {k: (v[0] * 2, v[1]) if k in keys else v for k, v in shapes.items()}  # a bigger Flux's layers
+    names = {"lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): (k, None) for k in keys}
+    name = save_lora(comfy_host.loras_dir, "fam_flux_other_size.safetensors", lora_for(names, wrong, seed=33))
+    with pytest.raises(pack.lora_core.WrongBaseModelError) as err:
+        _ours(pack, name, model)
+    message = str(err.value)
+    assert "made for Flux but the MODEL given is Flux" not in message
+    assert "look like Flux, like the MODEL given, but it was made for another variant or size of Flux" in message
+
+
+@pytest.fixture(scope="module")
+def unregistered_family_model(comfy_host):
+    """A family ComfyUI may add after the registry was written: Flux's network behind a config class
+    the registry does not know (a BASE subclass, so no known class is in its hierarchy)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.supported_models_base
+    attributes = {k: v for k, v in vars(comfy.supported_models.Flux).items() if not k.startswith("__")}
+    config_class = type("LWFutureDiT", (comfy.supported_models_base.BASE,), attributes)
+    config = config_class(tiny.SPECS["flux"].unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    tiny._fill_(model.diffusion_model, torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def test_an_unknown_family_loads_trains_and_saves_as_unknown(comfy_host, pack, unregistered_family_model):
+    model = unregistered_family_model
+    assert pack.nodes.comfy_bridge.model_family(model) == "unknown (LWFutureDiT)"
+    _, keys, shapes = _setup("flux")
+    name = _kohya_file(comfy_host, "future", keys, shapes, seed=41)
+    mine, _, _, report = _ours(pack, name, model)  # core's key maps still reach every layer
+    theirs = comfy_host.nodes.LoraLoaderModelOnly().load_lora_model_only(model, name, 0.8)[0]
+    assert max_relative_error(patched_weights(mine), patched_weights(theirs), keys) < 1e-5
+    assert "applied to: unknown (LWFutureDiT)" in report
+
+    with torch.inference_mode(False), torch.enable_grad():
+        run = pack.nodes.train_lora.TrainingRun(_train_args(model, "fam_future_trained", True))
+        # the layers named as attention: Flux's img/txt attention; its fused single blocks are not named so
+        assert sorted(run.targets) == sorted(k for k in keys if "_attn." in k)
+        run.train(_samples(pack, model, "flux"))
+    with safe_open(str(comfy_host.loras_dir / "fam_future_trained.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.architecture"] == "unknown/lora" and "ss_base_model_version" not in meta
+    assert meta["lw.base_family"] == "unknown (LWFutureDiT)"
+
+
+def test_save_problems_are_found_before_training_and_a_finished_run_keeps_its_weights(
+        comfy_host, pack, monkeypatch, tmp_path):
+    model, _, _ = _setup("wan21")
+    train_lora = pack.nodes.train_lora
+    with torch.inference_mode(False), torch.enable_grad():
+        for bad_name, why in (("../outside", "outside"), ("", "give an output_name")):
+            with pytest.raises(pack.lora_core.LoRAError, match=why):
+                train_lora.TrainingRun(_train_args(model, bad_name, False))
+        (comfy_host.loras_dir / "not_a_folder").write_bytes(b"")  # a folder name taken by a file: even root
+        with pytest.raises(pack.lora_core.LoRAError, match="cannot write into .*not_a_folder"):  # cannot save
+            train_lora.TrainingRun(_train_args(model, "not_a_folder/lora", False))
+
+        run = train_lora.TrainingRun(_train_args(model, "fam_kept_weights", False))
+        run.train(_samples(pack, model, "wan21"))
+        trained = {p: a.roles["up"].clone() for p, a in
+                   pack.nodes.train_bridge.layers_to_lora(run.layers, "x").adapters.items()}
+
+        def broken_metadata(*args, **kwargs):
+            raise ValueError("metadata writer broke")
+        monkeypatch.setattr(train_lora, "build_metadata", broken_metadata)
+        with pytest.raises(pack.lora_core.LoRAError, match="weights were saved to .*fam_kept_weights.safetensors"):
+            run._save_final(None, partial=False)
+    with safe_open(str(comfy_host.loras_dir / "fam_kept_weights.safetensors"), "pt") as f:
+        assert f.metadata()["lw.steps"] == "2"
+        for prefix, up in trained.items():
+            assert torch.equal(f.get_tensor(f"{prefix}.lora_up.weight"), up)
+
