@@ -98,7 +98,7 @@ def test_row_editor_adds_toggles_reorders_and_the_prompt_carries_the_rows(ui, co
     box.fill("1.6")
     box.press("Tab")
     ui.page.locator(f"{EDITOR} .lw-add").click()
-    _pick(ui, 3, "style", STYLE)
+    _pick(ui, 3, "demo_style", STYLE)  # "style" alone also matches http_style.safetensors of tests/http
     ui.page.locator(f"{EDITOR} .lw-row[data-row='3'] .lw-toggle").click()  # row 3 off
     rows = _rows(ui)
     assert [(r["lora"], r["on"], r["model"]) for r in rows] == [
