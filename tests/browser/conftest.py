@@ -14,7 +14,8 @@ Fixtures
 Screenshots for the README: with LW_UPDATE_SCREENSHOTS=1, ui.screenshot(name, docs=True) also
 writes docs/screenshots/<name>.png.
 
-Install (once per machine):
+Install (once per machine; `scripts/comfy_host.py test` does both: it installs chromium when it runs
+as root, or stops before any test with the command to run):
     apt-get install -y chromium
     <host venv>/bin/pip install playwright      # never `playwright install`
 """
