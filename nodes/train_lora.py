@@ -287,7 +287,7 @@ class TrainingRun:
         try:
             self._save(self.final_path, self.steps_done, partial, optimizer)
         except OSError as e:  # the folder went away or filled up mid-run: keep the work elsewhere
-            rescue = os.path.join(folder_paths.get_temp_directory(), os.path.basename(self.final_path))
+            rescue = os.path.join(folder_paths.get_output_directory(), os.path.basename(self.final_path))
             self._save(rescue, self.steps_done, partial, optimizer)
             raise LoRAError(f"Train LoRA: could not write {self.final_path} ({e}); the trained LoRA was saved to "
                             f"{rescue} instead: move it into models/loras.") from e

@@ -69,28 +69,43 @@ def test_bad_input_is_a_clear_error(comfy_host, extra, message):
         comfy_host.run(_train_prompt("bad", steps=2, extra=extra), outputs=["3"])
 
 
-def test_cancel_stops_within_a_step_and_saves_a_partial_file(comfy_host, monkeypatch):
+@pytest.mark.parametrize("path", ["between steps", "inside a layer", "progress hook"])
+def test_cancel_through_each_interrupt_path_saves_a_partial_file(comfy_host, monkeypatch, path):
+    """ComfyUI delivers a cancel three ways: the loop's own check between steps, the check at the top of
+    every op's forward (comfy/ops.py), and the progress-bar hook main.py installs. Each saves the
+    partial LoRA (3 steps learned) and its optimizer state, then ComfyUI marks the prompt interrupted."""
     import comfy.model_management as mm
+    import comfy.utils
     from server import PromptServer
 
     from conftest import PromptError
     seen = []
+    name = f"cancelled_{path.replace(' ', '_')}"
 
     def cancel_at_step_3(event, data, sid=None):
         if event == "lw.train.progress":
             seen.append(data["step"])
-            if data["step"] == 3:
+            if data["step"] == 3 and path != "progress hook":
                 mm.interrupt_current_processing(True)  # what ComfyUI's cancel button does
     monkeypatch.setattr(PromptServer.instance, "send_sync", cancel_at_step_3)
+    if path == "inside a layer":  # the loop's check misses it: the next op's forward raises
+        monkeypatch.setattr(comfy_host.pack.nodes.train_lora.mm, "processing_interrupted", lambda: False)
+    if path == "progress hook":
+        def hook(value, total, preview, prompt_id=None, node_id=None):  # as main.py's hijack_progress
+            if value == 3:
+                mm.interrupt_current_processing(True)
+            mm.throw_exception_if_processing_interrupted()
+        monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
     try:
-        with pytest.raises(PromptError):
-            comfy_host.run(_train_prompt("cancelled", steps=50), outputs=["3"])
+        with pytest.raises(PromptError):  # ComfyUI reports the prompt interrupted
+            comfy_host.run(_train_prompt(name, steps=50), outputs=["3"])
     finally:
         mm.interrupt_current_processing(False)
-    assert seen == [1, 2, 3]
-    with safe_open(str(comfy_host.loras_dir / "cancelled.safetensors"), "pt") as f:
+    assert seen[-1] <= 3 and seen[:2] == [1, 2]
+    with safe_open(str(comfy_host.loras_dir / f"{name}.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["lw.partial"] == "true" and meta["lw.steps"] == "3"
+    assert (comfy_host.loras_dir / f"{name}.safetensors.lwstate").is_file()
 
 
 def test_save_every_and_resume_continue_the_same_run(comfy_host):
