@@ -134,9 +134,9 @@ def main(argv: list[str]) -> int:
             targets = fixtures.lora_targets(base, kind)
             params = sum(s.numel() for s in targets.values())
             cases[f"{n} x {kind} r32"] = {"kind": kind, "loras": n, "layers": len(targets), "params": params,
-                                          "names": [f["file"] for f in loras[kind][:n]],
+                                          "names": [f["file"] for f in loras[kind][:n]], "keys": sorted(targets),
                                           "flops": 2.0 * params * 32 * n, "bytes": 2.0 * 4 * params}
-        results["cases"] = {k: {kk: vv for kk, vv in v.items() if kk != "names"} for k, v in cases.items()}
+        results["cases"] = cases  # names and keys are dropped after the stacks section (it adds host_loop_s)
 
         gate = measure.QuietGate(enabled=not args.no_gate, max_wait=20.0, budget=30.0 if args.quick else 300.0)
         section_runs = results["section_runs"] = {}
@@ -156,6 +156,8 @@ def main(argv: list[str]) -> int:
         if {"apply", "strength", "restore"} & set(args.sections):
             results["stacks"], results["equivalence"] = measured(
                 "stacks", lambda: _stacks(hub, base, cases, args, st, measure, log, gate))
+        results["cases"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("names", "keys")}
+                            for k, v in cases.items()}
         # ------------------------------------------------------------ forward
         if "forward" in args.sections:
             names = cases["3 x attention r32"]["names"]
@@ -278,25 +280,32 @@ def _stacks(hub, base, cases: dict, args, st, measure, log, gate) -> tuple[dict,
     out = {}
     for case, impls in plan.items():
         names = cases[case]["names"]
-        raw = {impl: [] for impl in impls}
-        for impl in impls:  # warm-up
-            st.cycle(hub, impl, base, names, rep=-1)
-        for rep in range(args.reps):
-            order = impls[rep % len(impls):] + impls[:rep % len(impls)]
-            for impl in order:
-                gate()
-                raw[impl].append(st.cycle(hub, impl, base, names, rep))
-            log(f"{case} rep {rep + 1}/{args.reps}: " + ", ".join(
-                f"{impl.split(' ')[0]}{'/' + impl.split('(')[-1][:-1] if '(' in impl else ''} "
-                f"{raw[impl][-1]['apply']['total']:.2f}+{raw[impl][-1]['strength']['total']:.2f}s" for impl in impls))
-        out[case] = {impl: {phase: {metric: measure.stats([r[phase][metric] for r in runs])
-                                    for metric in runs[0][phase]}
-                            for phase in runs[0]}
-                     for impl, runs in raw.items()}
-        for impl in impls:  # memory: one more cycle each, freed heap handed back to the OS first
-            mem = st.cycle(hub, impl, base, names, args.reps, trim=True)
-            out[case][impl]["memory"] = {"apply_peak_rss": mem["apply"]["peak_rss"],
-                                         "strength_peak_rss": mem["strength"]["peak_rss"]}
+        cases[case]["host_loop_s"] = st.host_loop_seconds(hub, base, cases[case]["keys"])
+        log(f"{case}: ComfyUI's patch loop with a zero patch {cases[case]['host_loop_s']:.3f} s")
+        for temp in (st.COLD, st.WARM):
+            kept = {impl: st.Stacker(hub, impl, base, names) for impl in impls} if temp == st.WARM else {}
+            raw = {impl: [] for impl in impls}
+            for impl in impls:  # warm-up
+                st.cycle(hub, impl, base, names, rep=-1, stacker=kept.get(impl))
+            for rep in range(args.reps):
+                order = impls[rep % len(impls):] + impls[:rep % len(impls)]
+                for impl in order:
+                    gate()
+                    raw[impl].append(st.cycle(hub, impl, base, names, rep, stacker=kept.get(impl)))
+                log(f"{case}, {temp} rep {rep + 1}/{args.reps}: " + ", ".join(
+                    f"{impl.split(' ')[0]}{'/' + impl.split('(')[-1][:-1] if '(' in impl else ''} "
+                    f"{raw[impl][-1]['apply']['total']:.2f}+{raw[impl][-1]['strength']['total']:.2f}s"
+                    for impl in impls))
+            key = f"{case}, {temp}"
+            out[key] = {impl: {phase: {metric: measure.stats([r[phase][metric] for r in runs])
+                                       for metric in runs[0][phase]}
+                               for phase in runs[0]}
+                        for impl, runs in raw.items()}
+            for impl in impls:  # memory: one more cycle each, freed heap handed back to the OS first
+                mem = st.cycle(hub, impl, base, names, args.reps, trim=True, stacker=kept.get(impl))
+                out[key][impl]["memory"] = {"apply_peak_rss": mem["apply"]["peak_rss"],
+                                            "strength_peak_rss": mem["strength"]["peak_rss"]}
+            kept.clear()
     return out, equivalence
 
 

@@ -2,6 +2,7 @@
 
 Nothing here imports ComfyUI; the node layer bridges it to ComfyUI's model management.
 """
+from . import caches
 from .adapters import ADAPTER_CLASSES, Adapter, LoHaAdapter, LoKrAdapter, LowRankAdapter, claim_adapter
 from .bypass import BypassForward, supports_bypass
 from .errors import LoRAError, LoRAFileError, LoRAShapeError, UnsafePathError, WrongBaseModelError
@@ -15,6 +16,6 @@ from .paths import safe_join
 from .plan import plan_layers
 from .safetensors_io import read_lora_file, write_lora_file
 from .version import __version__
-from .weight_patch import Term, apply_terms, dense_delta
+from .weight_patch import Fused, Term, apply_terms, dense_delta, fuse
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -51,6 +51,11 @@ class Adapter:
         reshaped to the weight (linear layers, and convs whose delta has that form)."""
         return None
 
+    @property
+    def matrices32(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """low_rank()'s (up, down) as fp32 matrices; None without a low-rank form."""
+        return None
+
     def check_fits(self, weight_shape: torch.Size, where: str) -> None:
         rows, cols = self.target_shape_2d()
         want = (int(weight_shape[0]), int(torch.Size(weight_shape[1:]).numel()))
@@ -115,6 +120,17 @@ class LowRankAdapter(Adapter):
             return None
         down = self.roles["down"]
         return self.roles["up"], (down if down.dim() == 2 else down.flatten(start_dim=1)), self.scale
+
+    @cached_property
+    def matrices32(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(up [rows, r], down [r, cols]) as contiguous fp32 matrices, converted once per loaded file:
+        every patch, re-patch and Gram product reads these instead of casting the file's dtype again."""
+        low_rank = self.low_rank()
+        if low_rank is None:
+            return None
+        up, down, _ = low_rank
+        return (up.flatten(start_dim=1).to(torch.float32).contiguous(),
+                down.to(torch.float32).contiguous())
 
 
 @dataclass(eq=False)

@@ -54,10 +54,10 @@ def factor_terms(terms: Sequence[Term]) -> FactoredDelta:
             raise ValueError(f"terms of one layer disagree in size: {shape} vs {this_shape} "
                              f"({term.adapter.name} adapter)")
         s = float(term.strength)
-        low_rank = term.adapter.low_rank()
-        if low_rank is not None:
-            up, down, scale = low_rank
-            ups.append(up.to(device=device, dtype=torch.float64).flatten(start_dim=1) * (s * float(scale)))
+        matrices = term.adapter.matrices32
+        if matrices is not None:
+            up, down = matrices
+            ups.append(up.to(device=device, dtype=torch.float64) * (s * float(term.adapter.low_rank()[2])))
             downs.append(down.to(device=device, dtype=torch.float64))
             continue
         # Dense fallback: LoHa/LoKr/Tucker LoCon have no (up, down) pair to contract.
@@ -106,22 +106,55 @@ def norm(a: FactoredDelta) -> float:
     return math.sqrt(max(inner(a, a), 0.0))
 
 
+def gram(adapters: Sequence[Adapter]) -> list[list[float]] | None:
+    """G_ab = <dW_a, dW_b>_F at strength 1 for all adapters of one layer, in ONE batched product:
+    with U = [c_1 B_1, ...] and D = [A_1; ...] (fp64), G = E^T ((U^T U) * (D D^T)) E, E summing each
+    adapter's rank block. None when one has no (up, down) form. Pairs already known are reused and
+    new ones remembered (see adapter_inner), so a re-composed stack computes only what is new."""
+    n = len(adapters)
+    known = [[_memo_get(a, b) for b in adapters] for a in adapters]
+    if all(v is not None for row in known for v in row):
+        return known
+    matrices = [a.matrices32 for a in adapters]
+    if any(m is None for m in matrices):
+        return None
+    up = torch.cat([m[0].double() * float(a.low_rank()[2]) for a, m in zip(adapters, matrices)], dim=1)
+    down = torch.cat([m[1].double() for m in matrices], dim=0)
+    blocks = torch.repeat_interleave(torch.arange(n), torch.tensor([m[1].shape[0] for m in matrices]))
+    indicator = torch.nn.functional.one_hot(blocks, n).double()
+    table = (indicator.T @ ((up.T @ up) * (down @ down.T)) @ indicator).tolist()
+    for i, a in enumerate(adapters):
+        for j in range(i, n):
+            _memo_put(a, adapters[j], table[i][j])
+    return table
+
+
+def _ordered(a: Adapter, b: Adapter) -> tuple[Adapter, Adapter]:
+    return (b, a) if id(a) > id(b) else (a, b)  # symmetric: one entry per unordered pair
+
+
+def _memo_get(a: Adapter, b: Adapter) -> float | None:
+    a, b = _ordered(a, b)
+    hit = a.__dict__.get("_lw_pair_dots", {}).get(id(b))
+    return hit[1] if hit is not None and hit[0]() is b else None
+
+
+def _memo_put(a: Adapter, b: Adapter, dot: float) -> None:
+    a, b = _ordered(a, b)
+    a.__dict__.setdefault("_lw_pair_dots", {})[id(b)] = (weakref.ref(b), dot)
+
+
 def adapter_inner(a: Adapter, b: Adapter) -> float | None:
     """<dW_a, dW_b>_F at strength 1 of two low-rank adapters of one layer; None when either has no
     (up, down) form, so the caller takes the dense route. Memoised on the first adapter, keyed by
     the other's id and checked against a weak reference (an id can be reused once freed)."""
-    if id(a) > id(b):  # symmetric: one entry per unordered pair
-        a, b = b, a
-    memo = a.__dict__.get("_lw_pair_dots")
-    if memo is None:
-        memo = a.__dict__["_lw_pair_dots"] = {}
-    hit = memo.get(id(b))
-    if hit is not None and hit[0]() is b:
-        return hit[1]
+    hit = _memo_get(a, b)
+    if hit is not None:
+        return hit
     if a.low_rank() is None or b.low_rank() is None:
         return None
     dot = inner(factor_terms([Term(a, 1.0)]), factor_terms([Term(b, 1.0)]))
-    memo[id(b)] = (weakref.ref(b), dot)
+    _memo_put(a, b, dot)
     return dot
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from . import caches
+
 CELL = 40  # px per cell: room for "-0.83" in the default font
 PAD = 8
 FONT_SIZE = 12
@@ -116,6 +118,7 @@ def _grid(rows: Sequence[str], cols: Sequence[str], values) -> torch.Tensor:
 # The last few images drawn: a Stack LoRA re-run after a strength change has the same cosines.
 _RECENT: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 _RECENT_SIZE = 8
+caches.register("heatmaps", _RECENT.clear)
 
 
 def render_heatmap(rows: Sequence[str], cols: Sequence[str], values, title: str = DEFAULT_TITLE,

@@ -20,21 +20,47 @@ class Term(NamedTuple):
     strength: float
 
 
-def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+class Fused(NamedTuple):
+    """Plain low-rank terms of a layer fused into one product: sum_i s_i c_i B_i A_i == scale * up @ down."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    scale: float
 
 
-def _fused_low_rank(pending: list[tuple[tuple, float]], device) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(U, D, c) with c * U @ D == sum_i s_i c_i B_i A_i; factors are concatenated in their file
-    dtype and converted once (this runs per layer on every patch, so few, large ops)."""
-    ups = [up.flatten(start_dim=1) for (up, _, _), _ in pending]
-    scales = [s * scale for (_, _, scale), s in pending]
-    up = _cat(ups, 1).to(device=device, dtype=torch.float32)
-    down = _cat([down for (_, down, _), _ in pending], 0).to(device=device, dtype=torch.float32)
+def fuse(terms: list[Term], device) -> list:
+    """A layer's terms as the steps apply_terms takes, in order: Fused products of consecutive plain
+    low-rank terms (fp32, concatenated, strengths folded in, on `device`) and the other terms as they
+    are (DoRA, LoHa, LoKr need the weight). Built once per stack and layer, reused by every re-patch."""
+    steps: list = []
+    run: list[tuple[tuple[torch.Tensor, torch.Tensor], float]] = []
+
+    def close() -> None:
+        if run:
+            steps.append(_fused(run, device))
+            run.clear()
+
+    for term in terms:
+        matrices = term.adapter.matrices32 if term.adapter.dora_scale is None else None
+        if matrices is not None:
+            run.append((matrices, float(term.strength) * term.adapter.low_rank()[2]))
+        else:
+            close()  # order matters once a non-additive (DoRA) term appears
+            steps.append(term)
+    close()
+    return steps
+
+
+def _fused(run: list, device) -> Fused:
+    ups = [up for (up, _), _ in run]
+    downs = [down for (_, down), _ in run]
+    scales = [c for _, c in run]
+    up = (ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)).to(device)
+    down = (downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)).to(device)
     if all(c == scales[0] for c in scales):
-        return up, down, scales[0]
+        return Fused(up, down, scales[0])
     columns = torch.cat([torch.full((u.shape[1],), c, dtype=torch.float32) for u, c in zip(ups, scales)])
-    return up * columns.to(device), down, 1.0
+    return Fused(up * columns.to(device), down, 1.0)
 
 
 def dora_decompose(weight: torch.Tensor, dora_scale: torch.Tensor, delta: torch.Tensor,
@@ -58,30 +84,21 @@ def dora_decompose(weight: torch.Tensor, dora_scale: torch.Tensor, delta: torch.
     return weight
 
 
-def apply_terms(weight: torch.Tensor, terms: list[Term], strength: float = 1.0) -> torch.Tensor:
-    """Add every term's delta to `weight` IN PLACE (it may be a narrowed view) and return it."""
+def apply_terms(weight: torch.Tensor, terms: list[Term], strength: float = 1.0, steps: list | None = None,
+                ) -> torch.Tensor:
+    """Add every term's delta to `weight` IN PLACE (it may be a narrowed view) and return it.
+    `steps`: fuse(terms, weight.device), when the caller keeps them between patches."""
     work = weight if weight.dtype == torch.float32 else weight.float()
-    pending: list[tuple[tuple, float]] = []
-
-    def flush() -> None:
-        if pending:
-            up, down, scale = _fused_low_rank(pending, work.device)
-            work.view(work.shape[0], -1).addmm_(up, down, alpha=scale)
-            pending.clear()
-
-    for term in terms:
-        s = float(term.strength) * float(strength)
-        low_rank = term.adapter.low_rank()
-        if low_rank is not None and term.adapter.dora_scale is None:
-            pending.append((low_rank, s))
+    for step in steps if steps is not None else fuse(terms, work.device):
+        if isinstance(step, Fused):
+            work.view(work.shape[0], -1).addmm_(step.up, step.down, alpha=step.scale * float(strength))
             continue
-        flush()  # order matters once a non-additive (DoRA) term appears
-        delta = term.adapter.delta(work.shape, work.device)
-        if term.adapter.dora_scale is not None:
-            work = dora_decompose(work, term.adapter.dora_scale, delta, s)
+        s = float(step.strength) * float(strength)
+        delta = step.adapter.delta(work.shape, work.device)
+        if step.adapter.dora_scale is not None:
+            work = dora_decompose(work, step.adapter.dora_scale, delta, s)
         else:
             work.add_(delta, alpha=s)
-    flush()
     if work is not weight:
         weight.copy_(work.to(weight.dtype))
     return weight

@@ -13,7 +13,7 @@ import comfy.utils
 import torch
 from comfy.weight_adapter import WeightAdapterBase
 
-from ..lora_core import LoRA, LoRAError, LowRankAdapter
+from ..lora_core import LoRA, LoRAError, LowRankAdapter, caches
 from ..lora_core.export import kohya_prefix
 from ..lora_core.training import (
     EPS,
@@ -315,6 +315,7 @@ def load_layers(layers: dict[str, LoRATrainLayer], lora: LoRA) -> None:
 # Hashing a base model reads every weight (seconds for SDXL); ComfyUI never changes base weights
 # for good, so each loaded model is hashed once, however often it is trained on.
 _WEIGHTS_SHA256: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+caches.register("weights_sha256", _WEIGHTS_SHA256.clear)
 
 
 def weights_sha256(model) -> str:

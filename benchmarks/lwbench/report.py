@@ -41,11 +41,14 @@ def floor_of(case_info: dict, floor: dict) -> dict:
 def stack_rows(stack_results: dict, cases: dict, floor: dict) -> list[dict]:
     rows = []
     for case, per_impl in stack_results.items():
-        fl = floor_of(cases[case], floor)
+        info = cases[case.rsplit(", ", 1)[0]]  # "3 x attention r32, cold" -> its case
+        fl = floor_of(info, floor)
+        # ComfyUI's patch loop with a zero patch (its copies and books) plus the LoRA products at GEMM rate
+        host_floor = info.get("host_loop_s", 0.0) + fl["compute_s"]
         core = per_impl.get(st.CORE)
         if core is None:
             continue
-        n = cases[case]["loras"]
+        n = info["loras"]
         for impl, res in per_impl.items():
             if impl == st.CORE:
                 continue
@@ -56,17 +59,19 @@ def stack_rows(stack_results: dict, cases: dict, floor: dict) -> list[dict]:
             target = met = None
             ratio["min"] = ours_t["min"] / core_t["min"]
             if n == 3 and not bypass:
-                target = "<= 0.5x core and <= 2.5x floor"
-                met = _verdict(ratio["median"] <= 0.5 and ours_t["median"] <= 2.5 * fl["lower_bound_s"],
-                               ratio["min"] <= 0.5 and ours_t["min"] <= 2.5 * fl["lower_bound_s"])
+                target = "<= 0.5x core and <= 1.3x host floor"
+                met = _verdict(ratio["median"] <= 0.5 and ours_t["median"] <= 1.3 * host_floor,
+                               ratio["min"] <= 0.5 and ours_t["min"] <= 1.3 * host_floor)
             rows.append(_row("apply", case, "node + patch", impl, ours_t, st.CORE, core_t, ratio, target, met,
                              note=(f"node {res['apply']['node']['median']:.3f} s + patch "
                                    f"{res['apply']['patch']['median']:.3f} s "
                                    f"(core {core['apply']['node']['median']:.3f}"
                                    f" + {core['apply']['patch']['median']:.3f}); ratio of minima {ratio['min']:.3f}; "
-                                   + (f"floor {fl['lower_bound_s']:.3f} s, ours/floor median "
-                                      f"{ours_t['median'] / fl['lower_bound_s']:.2f}, min "
-                                      f"{ours_t['min'] / fl['lower_bound_s']:.2f}" + _patch_parts(res, core, fl)
+                                   + (f"host floor {host_floor:.3f} s (ComfyUI's loop "
+                                      f"{info.get('host_loop_s', 0.0):.3f} s + GEMM), ours/host floor median "
+                                      f"{ours_t['median'] / host_floor:.2f}, min {ours_t['min'] / host_floor:.2f}; "
+                                      f"floor {fl['lower_bound_s']:.3f} s, ours/floor median "
+                                      f"{ours_t['median'] / fl['lower_bound_s']:.2f}" + _patch_parts(res, core, fl)
                                       if not bypass else "bypass writes no weight"))))
             # strength change
             ours_s, core_s = res["strength"]["total"], core["strength"]["total"]

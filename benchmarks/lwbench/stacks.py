@@ -1,5 +1,11 @@
 """Apply a LoRA stack, change one strength, restore the base model: ours vs core, alternating.
 
+Every case runs twice, like with like:
+  cold  fresh node objects, and the pack's LoRA caches (parsed files, matches, stack shapes,
+        heatmaps) emptied first: a LoRA meets both sides for the first time;
+  warm  node objects kept from the previous cycle (core's LoraLoader keeps its loaded file) and the
+        pack's caches kept: the same LoRAs queued again.
+
 One cycle per implementation and repetition, from the base model loaded:
   apply     the node chain runs (node time), then comfy.model_management.load_models_gpu([out])
             patches the weights (patch time) -- that is when ComfyUI writes LoRAs into weights;
@@ -22,6 +28,9 @@ CORE, OURS_CHAIN, OURS_STACK, OURS_CHAIN_BYPASS, OURS_STACK_BYPASS = (
     "ours LoadLoRA chain (bypass)", "ours StackLoRA (bypass)")
 IMPLS = [CORE, OURS_CHAIN, OURS_STACK, OURS_CHAIN_BYPASS, OURS_STACK_BYPASS]
 STRENGTHS = (1.0, 0.8)  # the changed LoRA alternates between these
+COLD, WARM = "cold", "warm"
+# What a file's content determines; per-model caches (key maps, weight norms) stay: core has its own cost there.
+LORA_CACHES = ("lora_files", "matches", "stack_shapes", "heatmaps")
 
 
 class Stacker:
@@ -94,15 +103,19 @@ def _load(patcher):
     mm.load_models_gpu([patcher])
 
 
-def cycle(hub, impl: str, base, names: list[str], rep: int, trim: bool = False) -> dict:
+def cycle(hub, impl: str, base, names: list[str], rep: int, trim: bool = False, stacker: Stacker | None = None,
+          ) -> dict:
     """apply -> change one strength -> restore; returns the timings and peak memory of each step.
 
     trim=False (timing runs): only garbage is collected between steps, as in a running ComfyUI, so freed
     weight buffers stay in the heap and are reused. trim=True (memory runs): freed heap is handed back to
     the OS first, so the peak RSS over the start is what this implementation itself needs.
+    stacker: one kept from the previous cycle (warm); None starts cold (fresh nodes, LoRA caches emptied).
     """
     out: dict = {}
-    stacker = Stacker(hub, impl, base, names)
+    if stacker is None:
+        hub.pack_module("lora_core.caches").clear(*LORA_CACHES)
+        stacker = Stacker(hub, impl, base, names)
     strengths = [1.0] * len(names)
     with torch.inference_mode():
         _load(base)
@@ -128,7 +141,9 @@ def cycle(hub, impl: str, base, names: list[str], rep: int, trim: bool = False) 
             t2 = time.perf_counter()
         out["strength"] = {"node": t1 - t0, "patch": t2 - t1, "total": t2 - t0, "peak_rss": peak.delta,
                            "weights_written": len(model.backup)}  # ComfyUI backs up every weight it patches
-        del model, stacker
+        del model
+        stacker.models.clear()
+        del stacker
         settle(trim)
         t0 = time.perf_counter()
         _load(base)
@@ -161,3 +176,33 @@ def check_equivalence(hub, base, names: list[str], pristine: dict[str, torch.Ten
         result["note"] = ("StackLoRA runs at its widget defaults (budget 1.5, layer cap 0.1), so its weights "
                           "differ from the unclamped chains by design; the chains must agree to ~1e-6.")
     return result
+
+
+def host_loop_seconds(hub, base, keys: list[str], reps: int = 3) -> float:
+    """ComfyUI's own patch loop with a patch that changes nothing on these weights: its copies and books
+    alone, what any LoRA node pays before its math (median of `reps`)."""
+    import comfy.model_management as mm
+    from comfy.weight_adapter import WeightAdapterBase
+
+    class ZeroPatch(WeightAdapterBase):
+        name = "lw_bench_zero"
+
+        def __init__(self):
+            self.loaded_keys, self.weights = set(), []
+
+        def calculate_weight(self, weight, *args, **kwargs):
+            return weight
+
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            clone = base.clone()
+            clone.add_patches({k: ZeroPatch() for k in keys}, 1.0)
+            _load(base)
+            settle(False)
+            t0 = time.perf_counter()
+            mm.load_models_gpu([clone])
+            times.append(time.perf_counter() - t0)
+            del clone
+            _load(base)
+    return sorted(times)[len(times) // 2]

@@ -136,3 +136,22 @@ def test_a_header_length_starting_with_the_pickle_byte_is_still_safetensors(tmp_
     assert open(p, "rb").read(2) == b"\x80\x02"
     tensors, meta = read_lora_file(p)
     assert torch.equal(tensors["a.lora_up.weight"], torch.ones(2, 2))
+
+
+def test_the_pack_caches_are_listed_in_one_place_and_can_be_emptied(tmp_path):
+    from safetensors.torch import save_file
+
+    import lora_core.heatmap  # noqa: F401  (a cache registers when its module is imported)
+    import lora_core.stack_analysis  # noqa: F401
+    from lora_core import caches
+    from lora_core.files import load_lora
+    assert {"lora_files", "stack_shapes", "heatmaps"} <= set(caches.names())
+    path = tmp_path / "c.safetensors"
+    save_file({"lora_unet_x.lora_up.weight": torch.ones(4, 2), "lora_unet_x.lora_down.weight": torch.ones(2, 4)},
+              str(path))
+    first = load_lora(str(path))
+    assert load_lora(str(path)) is first  # parsed once while the file is unchanged
+    caches.clear("lora_files")
+    assert load_lora(str(path)) is not first
+    with pytest.raises(KeyError, match="unknown caches"):
+        caches.clear("no_such_cache")
