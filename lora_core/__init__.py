@@ -5,7 +5,14 @@ Nothing here imports ComfyUI; the node layer bridges it to ComfyUI's model manag
 from . import caches
 from .adapters import ADAPTER_CLASSES, Adapter, LoHaAdapter, LoKrAdapter, LowRankAdapter, claim_adapter
 from .bypass import BypassForward, supports_bypass
-from .errors import LoRAError, LoRAFileError, LoRAShapeError, UnsafePathError, WrongBaseModelError
+from .errors import (
+    LoRAError,
+    LoRAFileError,
+    LoRAFileNotFoundError,
+    LoRAShapeError,
+    UnsafePathError,
+    WrongBaseModelError,
+)
 from .export import build_metadata, kohya_prefix, lora_state_dict, save_lora
 from .files import load_lora
 from .formats import LoRA, file_sha256, parse_lora

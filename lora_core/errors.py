@@ -9,6 +9,10 @@ class LoRAFileError(LoRAError):
     """The file cannot be read as a LoRA (not safetensors, truncated, corrupt, NaN/inf)."""
 
 
+class LoRAFileNotFoundError(LoRAFileError):
+    """The file named is not there (not in the loras folders, or gone from disk)."""
+
+
 class LoRAShapeError(LoRAError):
     """A LoRA's tensors disagree with each other or with the layer they target."""
 

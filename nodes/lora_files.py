@@ -5,7 +5,8 @@ import os
 
 import folder_paths
 
-from ..lora_core import LoRA, LoRAFileError, load_lora, safe_join
+from ..lora_core import LoRA, load_lora, safe_join
+from ..lora_core.errors import LoRAFileNotFoundError
 from .comfy_compat import convert_lora
 
 LORAS = "loras"
@@ -22,7 +23,7 @@ def lora_path(name: str) -> str:
         full = safe_join(folder, name)
         if os.path.isfile(full):
             return full
-    raise LoRAFileError(f"LoRA '{name}' not found in the loras folders ({', '.join(folders)}). "
+    raise LoRAFileNotFoundError(f"LoRA '{name}' not found in the loras folders ({', '.join(folders)}). "
                         "Put the file there and press 'r' in ComfyUI to refresh the list.")
 
 

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 
-from ..lora_core.errors import LoRAFileError, UnsafePathError
+from ..lora_core.errors import LoRAError, LoRAFileError, LoRAFileNotFoundError, UnsafePathError
 from ..lora_core.families import guess_family
 from ..lora_core.formats import split_key
 from ..lora_core.metadata import read_info
@@ -65,6 +65,14 @@ def lora_info(name: str) -> dict:
     }
 
 
+# Most specific first: an error's class, never its wording, says which answer it gets.
+STATUS_OF_ERROR = ((UnsafePathError, 400), (LoRAFileNotFoundError, 404), (LoRAFileError, 422), (LoRAError, 422))
+
+
+def _status_of(error: LoRAError) -> int:
+    return next(status for cls, status in STATUS_OF_ERROR if isinstance(error, cls))
+
+
 def _error(web, status: int, message: str):
     return web.json_response({"error": message}, status=status)
 
@@ -77,11 +85,8 @@ async def info_handler(request):
         return _error(web, 400, "give the LoRA file name: /lora_workbench/info?name=<file in models/loras>")
     try:
         return web.json_response(await asyncio.to_thread(lora_info, name))
-    except UnsafePathError as e:
-        return _error(web, 400, str(e))
-    except LoRAFileError as e:
-        missing = "not found" in str(e)
-        return _error(web, 404 if missing else 422, str(e))
+    except LoRAError as e:
+        return _error(web, _status_of(e), str(e))
     except Exception as e:  # a header we cannot make sense of must not become a 500 without a message
         logging.exception("LoRA Workbench: info for %r failed", name)
         return _error(web, 422, f"'{name}': cannot read its header ({type(e).__name__}: {e})")

@@ -72,11 +72,12 @@ def test_queued_prompt_with_load_lora_moves_the_latent(comfy_http, loras_dir, ho
     assert (with_lora - without).abs().max() > 1e-3
 
 
-def test_info_route_reads_the_header_and_refuses_escaping_names(comfy_http):
+def test_info_route_reads_the_header_and_refuses_escaping_names(comfy_http, loras_dir):
     info = comfy_http.get_json("/lora_workbench/info?name=lw_demo_style.safetensors")
     assert info["trigger_words"][0] == "lwstyle" and info["family"] == "SD1.x" and info["rank"] == "4"
     assert info["scope"].startswith("one style")
-    for bad, status in (("../secret.safetensors", 400), ("nope.safetensors", 404)):
+    (loras_dir / "http_corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    for bad, status in (("../secret.safetensors", 400), ("nope.safetensors", 404), ("http_corrupt.safetensors", 422)):
         try:
             comfy_http.get_json("/lora_workbench/info?" + urllib.parse.urlencode({"name": bad}))
         except urllib.error.HTTPError as err:
