@@ -7,6 +7,9 @@
    layer_cap * ||W||_F; a layer over it has all its terms scaled down to exactly the cap.
 
 Rules 1-2 act on the strengths the user typed; rule 3 acts per host layer after planning.
+With block weights (block_weights.py) rule 1 also clamps each block's strength (row strength x the
+block's value; the clip strength takes BASE's), and rule 2 counts a LoRA at its strongest block.
+A fourth rule, the spectral cap (spectral.py, off by default), bounds each layer's top singular value.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Union
 import torch
 
 from . import frobenius
+from .block_weights import BASE
 from .matching import Target
 from .weight_patch import Term, apply_terms
 
@@ -80,6 +84,9 @@ class StackEntry:
     strength_model: float = 1.0
     strength_clip: float = 1.0
     enabled: bool = True
+    # Block weights resolved for this LoRA (block_weights.BlockWeights.ratios): multiplier per block
+    # label, BASE included; the clip strength takes BASE's. None: every block at 1.
+    block_ratios: Mapping[str, float] | None = None
 
 
 @dataclass
@@ -91,6 +98,13 @@ class EffectiveStrength:
     effective_clip: float
     notes: list[str] = field(default_factory=list)
     enabled: bool = True
+    effective_blocks: dict[str, float] | None = None  # model strength per block, when block weights are given
+
+    def plan_strengths(self) -> tuple:
+        """(model, clip[, model per block]) as plan_layers / stack_analysis take them."""
+        if self.effective_blocks is None:
+            return self.effective_model, self.effective_clip
+        return self.effective_model, self.effective_clip, self.effective_blocks
 
 
 def clamp_strengths(entries: Sequence[StackEntry], settings: ClampSettings | None = None) -> list[EffectiveStrength]:
@@ -110,6 +124,8 @@ def clamp_strengths(entries: Sequence[StackEntry], settings: ClampSettings | Non
         else:
             row.effective_model = _clamp_one(row.requested_model, "model", settings, row.notes)
             row.effective_clip = _clamp_one(row.requested_clip, "clip", settings, row.notes)
+            if entry.block_ratios is not None:
+                _clamp_blocks(row, entry.block_ratios, settings)
         rows.append(row)
     if settings.use_budget:
         # Disabled rows are 0 already, so they neither count against the budget nor get scaled.
@@ -128,16 +144,47 @@ def _clamp_one(value: float, part: str, settings: ClampSettings, notes: list[str
     return clamped
 
 
+def _clamp_blocks(row: EffectiveStrength, ratios: Mapping[str, float], settings: ClampSettings) -> None:
+    """Rule 1 on each block's strength (row strength x block value); the clip strength takes BASE's value."""
+    blocks, clamped = {}, []
+    for label, ratio in ratios.items():
+        value = row.effective_model * float(ratio)
+        blocks[label] = min(max(value, settings.weight_min), settings.weight_max) if settings.clamp_weights else value
+        if blocks[label] != value:
+            clamped.append(f"{label} {value:g} -> {blocks[label]:g}")
+    row.effective_blocks = blocks
+    base = float(ratios.get(BASE, 1.0))
+    if base != 1.0:
+        value = row.effective_clip * base
+        row.effective_clip = min(max(value, settings.weight_min), settings.weight_max) if settings.clamp_weights \
+            else value
+        if row.effective_clip != value:
+            clamped.append(f"clip (BASE) {value:g} -> {row.effective_clip:g}")
+    if clamped:
+        row.notes.append(f"block strengths clamped: {', '.join(clamped)} "
+                         f"(allowed range [{settings.weight_min:g}, {settings.weight_max:g}])")
+
+
+def _budget_share(row: EffectiveStrength, part: str) -> float:
+    """What a row spends of the budget: |strength|, or with block weights its strongest block's."""
+    if part == "model" and row.effective_blocks:
+        return max(abs(v) for v in row.effective_blocks.values())
+    return abs(getattr(row, f"effective_{part}"))
+
+
 def _fit_budget(rows: list[EffectiveStrength], part: str, budget: float) -> None:
     attr = f"effective_{part}"
-    total = sum(abs(getattr(r, attr)) for r in rows)
+    total = sum(_budget_share(r, part) for r in rows)
     if total <= budget:
         return
     factor = budget / total
     for r in rows:
         value = getattr(r, attr)
-        if value != 0.0:
+        blocks = r.effective_blocks if part == "model" else None
+        if value != 0.0 or (blocks and any(blocks.values())):
             setattr(r, attr, value * factor)
+            if blocks:
+                r.effective_blocks = {label: v * factor for label, v in blocks.items()}
             r.notes.append(f"{part} strength scaled by {factor:.4g} to fit the stack budget: "
                            f"sum |w| = {total:g} > {budget:g}")
 

@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import NamedTuple, Union
 
 from . import frobenius
-from .matching import MatchResult, Target
+from .matching import Target
 from .plan import plan_layers
 from .weight_patch import Term
 
@@ -81,13 +81,13 @@ def top_overlaps(overlaps: Sequence[LayerOverlap], n: int = 10) -> list[LayerOve
 
 # ---------------------------------------------------------------- naming terms by LoRA
 
-def plan_named(applied: Sequence[tuple[str, MatchResult, float, float]]
-               ) -> tuple[dict[Target, list[Term]], dict[Target, list[str]]]:
-    """plan_layers, plus the name of the LoRA behind each term (lists parallel to the terms)."""
+def plan_named(applied: Sequence[tuple]) -> tuple[dict[Target, list[Term]], dict[Target, list[str]]]:
+    """plan_layers, plus the name of the LoRA behind each term (lists parallel to the terms).
+    `applied`: (name, match, strength_model, strength_clip[, model strength per block]) per LoRA."""
     layers: dict[Target, list[Term]] = {}
     names: dict[Target, list[str]] = {}
-    for name, match, strength_model, strength_clip in applied:
-        for target, terms in plan_layers([(match, strength_model, strength_clip)]).items():
+    for name, match, *strengths in applied:
+        for target, terms in plan_layers([(match, *strengths)]).items():
             layers.setdefault(target, []).extend(terms)
             names.setdefault(target, []).extend([name] * len(terms))
     return layers, names

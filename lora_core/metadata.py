@@ -57,3 +57,17 @@ def read_info(metadata: dict[str, str], trigger_limit: int = 8) -> LoRAInfo:
         except ValueError:
             info.provenance = {"raw": raw}
     return info
+
+
+def join_trigger_words(word_lists) -> str:
+    """The trigger words of several LoRAs (in order) as one prompt fragment: 'a, b, c', each word once
+    (the first spelling kept; CLIP reads prompts case-insensitively, so 'Sks' and 'sks' are one word)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for words in word_lists:
+        for word in words:
+            word = word.strip()
+            if word and word.lower() not in seen:
+                seen.add(word.lower())
+                out.append(word)
+    return ", ".join(out)

@@ -17,13 +17,15 @@ import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from . import spectral as spectral_cap_math
 from .adapters import Adapter
+from .block_weights import strength_at
 from .clamping import CappedLayer
 from .frobenius import adapter_inner
 from .interference import Decorrelated, LayerOverlap, _cosine
-from .matching import MODEL, MatchResult, Target
+from .matching import MatchResult, Target
 from .weight_patch import Term
 
 
@@ -40,6 +42,7 @@ class StackShape:
     names: tuple[str, ...]
     layers: tuple[LayerShape, ...]  # in first appearance over the stack
     per_lora: tuple[tuple[int, ...], ...]  # each LoRA's layers (indices into layers), in its patch order
+    cores: dict = field(default_factory=dict, compare=False, repr=False)  # layer -> spectral.LayerCore, lazily
 
 
 @dataclass
@@ -49,6 +52,7 @@ class StackAnalysis:
     overlaps: list[LayerOverlap]
     decorrelated: list[Decorrelated]
     capped: list[CappedLayer]
+    spectral: list[CappedLayer] = field(default_factory=list)  # layers the spectral cap scaled
 
 
 _SHAPES: "OrderedDict[tuple, tuple[list, StackShape | None]]" = OrderedDict()
@@ -94,20 +98,23 @@ def _build(entries: Sequence[tuple[str, MatchResult]]) -> StackShape | None:
                       tuple(tuple(where[t] for t in targets) for targets in per_lora))
 
 
-def analyse(shape: StackShape, strengths: Sequence[tuple[float, float]], decorrelate: bool = False,
-            cap: float | None = None, weight_norms: Callable[[Target], float] | None = None) -> StackAnalysis:
-    """Plan, pair overlaps, optional decorrelation and optional layer cap at (model, clip) strengths per
-    LoRA; `weight_norms` gives ||W||_F per target and is needed with `cap`."""
+def analyse(shape: StackShape, strengths: Sequence[tuple], decorrelate: bool = False,
+            cap: float | None = None, weight_norms: Callable[[Target], float] | None = None,
+            spectral_cap: float | None = None, spectra: "spectral_cap_math.WeightSpectra | None" = None,
+            ) -> StackAnalysis:
+    """Plan, pair overlaps, optional decorrelation, optional layer cap and optional spectral cap at
+    (model, clip[, model per block]) strengths per LoRA (see block_weights.strength_at); `weight_norms`
+    gives ||W||_F per target and is needed with `cap`, `spectra` sigma_1(W) with `spectral_cap`."""
     names = shape.names
     layers: dict[Target, list[Term]] = {}
     labels: dict[Target, list[str]] = {}
     active: list[tuple[LayerShape, list[int], list[float]]] = []  # positions in the layer and strengths
     for layer in _plan_order(shape, strengths):
-        part = 0 if layer.target.component == MODEL else 1
-        pos = [k for k, i in enumerate(layer.members) if strengths[i][part] != 0.0]
+        at = [strength_at(strengths[i], layer.target) for i in layer.members]
+        pos = [k for k, v in enumerate(at) if v != 0.0]
         if not pos:
             continue
-        s = [float(strengths[layer.members[k]][part]) for k in pos]
+        s = [at[k] for k in pos]
         layers[layer.target] = [Term(layer.adapters[k], v) for k, v in zip(pos, s)]
         labels[layer.target] = [names[layer.members[k]] for k in pos]
         active.append((layer, pos, s))
@@ -118,7 +125,10 @@ def analyse(shape: StackShape, strengths: Sequence[tuple[float, float]], decorre
     capped: list[CappedLayer] = []
     if cap is not None:
         capped = _cap(active, layers, cap, weight_norms)
-    return StackAnalysis(layers, labels, overlaps, decorrelated, capped)
+    spectral: list[CappedLayer] = []
+    if spectral_cap is not None:
+        spectral = _spectral(shape, active, layers, spectral_cap, spectra)
+    return StackAnalysis(layers, labels, overlaps, decorrelated, capped, spectral)
 
 
 def _plan_order(shape: StackShape, strengths) -> list[LayerShape]:
@@ -126,7 +136,7 @@ def _plan_order(shape: StackShape, strengths) -> list[LayerShape]:
     seen: dict[int, None] = {}
     for i, indices in enumerate(shape.per_lora):
         for li in indices:
-            if li not in seen and strengths[i][0 if shape.layers[li].target.component == MODEL else 1] != 0.0:
+            if li not in seen and strength_at(strengths[i], shape.layers[li].target) != 0.0:
                 seen[li] = None
     return [shape.layers[li] for li in seen]
 
@@ -206,5 +216,30 @@ def _cap(active, layers, cap: float, weight_norms) -> list[CappedLayer]:
             continue
         factor = cap / before
         layers[layer.target] = [Term(layer.adapters[k], v * factor) for k, v in zip(pos, s)]
+        capped.append(CappedLayer(layer.target, before, cap, factor))
+    return capped
+
+
+def _spectral(shape: StackShape, active, layers, cap: float, spectra) -> list[CappedLayer]:
+    """spectral.spectral_cap_layers() from per-layer cores: the QRs of the unscaled factors are taken once
+    per stack (memoised in the shape); a run forms the R x R core at its strengths and takes its top
+    singular value. Runs after the other rules, on the strengths they left."""
+    if spectra is None:
+        raise ValueError("the spectral cap needs the weights' top singular values (spectra)")
+    spectral_cap_math.check_cap(cap)
+    capped = []
+    for layer, pos, _ in active:
+        terms = layers[layer.target]
+        core = shape.cores.get(layer.target)
+        if core is None:
+            core = shape.cores[layer.target] = spectral_cap_math.LayerCore([a.low_rank() for a in layer.adapters])
+        strengths = [0.0] * len(layer.members)
+        for k, term in zip(pos, terms):
+            strengths[k] = float(term.strength)
+        before = spectral_cap_math.over_cap(core.top(strengths), layer.target, cap, spectra)
+        if before is None or math.isinf(before):
+            continue
+        factor = cap / before
+        layers[layer.target] = [Term(t.adapter, float(t.strength) * factor) for t in terms]
         capped.append(CappedLayer(layer.target, before, cap, factor))
     return capped

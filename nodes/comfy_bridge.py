@@ -29,6 +29,7 @@ from ..lora_core import (
     match_lora,
     supports_bypass,
 )
+from ..lora_core.spectral import WeightSpectra
 
 MERGE, BYPASS = "merge", "bypass"
 MODES = [MERGE, BYPASS]
@@ -151,6 +152,19 @@ def base_weight_norms(model, clip):
                                                                    dtype=torch.float32))
         return value
     return norm
+
+
+# sigma_1 of base weights per live model (lower bounds and exact values), for the spectral cap; like
+# the norms, never stale: ComfyUI restores every base weight from its backup.
+_SPECTRA_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def base_weight_spectra(model, clip) -> WeightSpectra:
+    """sigma_1 of base weights by target, for the connected MODEL/CLIP (memoised per model)."""
+    memos = {MODEL: None if model is None else _SPECTRA_CACHE.setdefault(model.model, {}),
+             CLIP: None if clip is None else _SPECTRA_CACHE.setdefault(clip.patcher.model, {})}
+    return WeightSpectra(lambda target: base_weight(model, clip, target),
+                         lambda target: memos[target.component])
 
 
 _MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]]" = weakref.WeakKeyDictionary()

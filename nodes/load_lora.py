@@ -4,9 +4,12 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..lora_core import format_report, plan_layers
+from ..lora_core.block_weights import BASE, model_block_strengths, resolve_block_weights, strength_at
+from ..lora_core.metadata import join_trigger_words
 from .comfy_bridge import MERGE, MODES, apply_layers, match_on_host
 from .input_checks import check_inputs
 from .lora_files import file_fingerprint, load_named_lora, lora_names
+from .lora_rows import BLOCK_WEIGHTS_TOOLTIP
 from .lw_types import LW_LORA
 
 STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.01)
@@ -33,12 +36,17 @@ class LoadLoRA(io.ComfyNode):
                 io.Combo.Input("mode", options=MODES, default=MERGE,
                                tooltip="merge: adds the LoRA into the weights (fastest sampling). bypass: runs it "
                                        "beside the frozen weights, so changing a strength needs no re-patch."),
+                # New inputs go last: saved workflows keep their widget values by position.
+                io.String.Input("block_weights", default="", optional=True, tooltip=BLOCK_WEIGHTS_TOOLTIP),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the LoRA applied."),
                 io.Clip.Output(display_name="CLIP", tooltip="The text encoder with the LoRA applied."),
                 LW_LORA.Output(display_name="LORA", tooltip="The loaded LoRA, for Stack LoRA or Merge LoRA."),
                 io.String.Output(display_name="report", tooltip="What matched, what did not, trigger words."),
+                # New outputs go last: saved workflows' links keep their output indices.
+                io.String.Output(display_name="trigger_words",
+                                 tooltip="The LoRA's trigger words ('a, b'), to wire into the prompt."),
             ],
         )
 
@@ -47,20 +55,30 @@ class LoadLoRA(io.ComfyNode):
         return file_fingerprint(lora_name)
 
     @classmethod
-    def execute(cls, lora_name, strength_model, strength_clip, mode, model=None, clip=None):
+    def execute(cls, lora_name, strength_model, strength_clip, mode, model=None, clip=None, block_weights=""):
         check_inputs(cls, locals())  # NaN / inf / out of range: an error before any work
         if model is None and clip is None:
             raise ValueError("Load LoRA: connect a MODEL, a CLIP, or both.")
         lora = load_named_lora(lora_name)
         result = match_on_host(lora, model, clip)
-        layers = plan_layers([(result, strength_model, strength_clip)])
-        foreign = [(t, name, tensors, strength_model if t.component == "model" else strength_clip)
-                   for t, (name, tensors) in result.foreign.items()]
+        # BlockWeightError (a LoRAError) names the text that cannot be read
+        weights = resolve_block_weights(block_weights, [t.key for t in (*(p.target for p in result.patches),
+                                                                          *result.foreign)])
+        strengths = (strength_model, strength_clip)
+        if weights is not None:
+            strengths = (strength_model, strength_clip * weights.ratios[BASE],
+                         model_block_strengths(weights, strength_model))
+        layers = plan_layers([(result, *strengths)])
+        foreign = [(t, name, tensors, strength_at(strengths, t)) for t, (name, tensors) in result.foreign.items()
+                   if strength_at(strengths, t) != 0.0]
         new_model, new_clip, counts = apply_layers(model, clip, layers, foreign, mode)
         report = format_report(result, {"model": strength_model, "clip": strength_clip}, mode)
+        if weights is not None:
+            report += f"\n  block weights ({weights.vector.preset or 'vector'}): {weights.describe()}"
+            report += "".join(f"\n    {note}" for note in weights.notes)
         for component, c in counts.items():
             report += (f"\n  {component} patches: {c['merged']} merged, {c['bypassed']} bypass"
                        + (f" ({c['merged_in_bypass']} merged because DoRA/sliced layers cannot run in bypass)"
                           if c["merged_in_bypass"] else ""))
-        return io.NodeOutput(new_model, new_clip, lora, report,
+        return io.NodeOutput(new_model, new_clip, lora, report, join_trigger_words([result.info.trigger_words]),
                              ui={"lw_report": [report], "lw_info": [result.to_dict()]})

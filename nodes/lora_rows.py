@@ -54,3 +54,17 @@ def collect_rows(lora_stack, rows: dict, count: int) -> tuple[list, list[str]]:
                           float(rows.get(f"strength_clip_{i}", 1.0)), bool(rows.get(f"on_{i}", True)),
                           None if connected is not None else file_name))
     return requested, problems
+
+
+BLOCK_WEIGHTS_TOOLTIP = ("Per-block weights in the LoRA Block Weight convention (as the Inspire pack's 'Lora Loader "
+                         "(Block Weight)'): comma-separated values, BASE (text encoder and non-block layers) first, "
+                         "then one per block the LoRA touches (SD1.x: IN01..OUT11, 17 values; SDXL 12; Flux: double "
+                         "then single blocks), or a preset (SD-MIDD, SDXL-OUTALL, FLUX-DBL-FRONT, ALL, OUTD, ...), or "
+                         "a %spec (%default=0,base=1,out=1). Empty: every block at 1.")
+
+
+def block_weight_inputs(count: int) -> list:
+    """Stack LoRA's per-row block weights, declared after every other input so that workflows saved
+    before they existed (widget values are saved by position) load unchanged."""
+    return [io.String.Input(f"blocks_{i}", default="", optional=True,
+                            tooltip=f"Row {i}: " + BLOCK_WEIGHTS_TOOLTIP) for i in range(1, count + 1)]

@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..lora_core import LoRAError
+from ..lora_core.block_weights import resolve_block_weights, strength_at
 from ..lora_core.clamping import (
     DEFAULT_BUDGET,
     DEFAULT_LAYER_CAP,
@@ -18,11 +19,21 @@ from ..lora_core.clamping import (
 )
 from ..lora_core.heatmap import render_heatmap
 from ..lora_core.interference import block_table, by_lora, decorrelate, pair_cosines, plan_named, top_overlaps
+from ..lora_core.metadata import join_trigger_words
+from ..lora_core.spectral import DEFAULT_SPECTRAL_CAP, spectral_cap_layers
 from ..lora_core.stack_analysis import analyse, stack_shape
-from .comfy_bridge import MERGE, MODES, apply_layers, base_weight, base_weight_norms, match_on_host
+from .comfy_bridge import (
+    MERGE,
+    MODES,
+    apply_layers,
+    base_weight,
+    base_weight_norms,
+    base_weight_spectra,
+    match_on_host,
+)
 from .input_checks import check_inputs, input_problem, strengths_problem
 from .lora_files import load_named_lora
-from .lora_rows import all_row_inputs, collect_rows, rows_fingerprint
+from .lora_rows import all_row_inputs, block_weight_inputs, collect_rows, rows_fingerprint
 from .lw_types import LORA_STACK
 
 ROWS = 6  # fixed rows keep saved workflows working without the web extension
@@ -63,6 +74,16 @@ class StackLoRA(io.ComfyNode):
                                  tooltip="Scale down LoRAs layer by layer where they push the same direction: each "
                                          "LoRA's strength is divided by 1 + the sum of its positive cosines."),
                 *all_row_inputs(ROWS),
+                # New inputs go last, optional, with defaults that keep the old behaviour: saved workflows
+                # keep their widget values by position, and API prompts without them still validate.
+                io.Boolean.Input("use_spectral_cap", default=False, optional=True,
+                                 tooltip="Limit the strongest direction of each layer's combined change (its top "
+                                         "singular value), which a norm cap lets through when LoRAs pile up on "
+                                         "one direction."),
+                io.Float.Input("spectral_cap", default=DEFAULT_SPECTRAL_CAP, min=0.001, max=10.0, step=0.01,
+                               optional=True, tooltip="Largest top singular value of a layer's combined change, "
+                                                      "as a share of the weight's own (0.5 = half)."),
+                *block_weight_inputs(ROWS),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The model with the clamped stack applied."),
@@ -73,6 +94,9 @@ class StackLoRA(io.ComfyNode):
                                                                 "layers, most-overlapping LoRA pairs."),
                 io.Image.Output(display_name="interference", tooltip="Heatmap: LoRA pairs x blocks, cosine of "
                                                                      "their weight changes."),
+                # New outputs go last: saved workflows' links keep their output indices.
+                io.String.Output(display_name="trigger_words",
+                                 tooltip="Trigger words of the LoRAs that are on, in row order, each once ('a, b')."),
             ],
         )
 
@@ -82,7 +106,8 @@ class StackLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, clamp_weights, weight_min, weight_max, use_budget, budget, use_layer_cap,
-                layer_cap, decorrelate, clip=None, lora_stack=None, **rows):
+                layer_cap, decorrelate, clip=None, lora_stack=None, use_spectral_cap=False,
+                spectral_cap=DEFAULT_SPECTRAL_CAP, **rows):
         # NaN / inf / out of range: an error before any work; a bad row strength skips its row (reported)
         check_inputs(cls, {**locals(), **rows}, skip=ROW_STRENGTHS)
         bad_rows = _bad_rows(cls, rows)
@@ -90,45 +115,54 @@ class StackLoRA(io.ComfyNode):
                                  use_budget=use_budget, use_layer_cap=use_layer_cap)
         settings.validate()
         requested, problems = collect_rows(lora_stack, rows, ROWS)
-        loaded, entries = _load_rows(requested, model, clip, problems, bad_rows)
+        loaded, entries = _load_rows(requested, model, clip, problems, bad_rows, rows)
         effective = clamp_strengths(entries, settings)
-        applied = [(e.name, match, e.effective_model, e.effective_clip)
-                   for (match, _), e in zip(loaded, effective) if match is not None]
-        layers, overlaps, decorrelated, capped = _analyse(applied, model, clip, decorrelate,
-                                                          layer_cap if use_layer_cap else None)
-        foreign = [(t, core_name, tensors, strength_model if t.component == "model" else strength_clip)
-                   for _, match, strength_model, strength_clip in applied
-                   for t, (core_name, tensors) in match.foreign.items()]
+        applied = [(e.name, match, *e.plan_strengths())
+                   for (match, _, _), e in zip(loaded, effective) if match is not None]
+        layers, overlaps, decorrelated, capped, spectral = _analyse(
+            applied, model, clip, decorrelate, layer_cap if use_layer_cap else None,
+            spectral_cap if use_spectral_cap else None)
+        foreign = [(t, core_name, tensors, strength_at(strengths, t))
+                   for _, match, *strengths in applied
+                   for t, (core_name, tensors) in match.foreign.items() if strength_at(strengths, t) != 0.0]
         new_model, new_clip, counts = (model, clip, {})
         if layers or foreign:
             new_model, new_clip, counts = apply_layers(model, clip, layers, foreign, mode)
 
         stack_out = [(file_name, e.effective_model, e.effective_clip)
-                     for (_, file_name), e in zip(loaded, effective) if file_name and e.enabled]
-        report = _report(effective, problems, capped, overlaps, decorrelated, counts, mode)
+                     for (_, file_name, _), e in zip(loaded, effective) if file_name and e.enabled]
+        report = _report(effective, problems, capped, overlaps, decorrelated, counts, mode, spectral,
+                         [weights for _, _, weights in loaded])
         heatmap = render_heatmap(*block_table(overlaps))
-        return io.NodeOutput(new_model, new_clip, stack_out, report, heatmap,
+        triggers = join_trigger_words(match.info.trigger_words for match, _, _ in loaded if match is not None)
+        return io.NodeOutput(new_model, new_clip, stack_out, report, heatmap, triggers,
                              ui={"lw_report": [report],
                                  "lw_effective": [[e.name, e.requested_model, e.effective_model,
-                                                   e.requested_clip, e.effective_clip] for e in effective]})
+                                                   e.requested_clip, e.effective_clip, e.effective_blocks]
+                                                  for e in effective]})
 
 
-def _analyse(applied, model, clip, decorrelate: bool, layer_cap: float | None):
-    """Plan the stack, measure its overlaps, then decorrelate and cap layers as asked. Stacks of plain
-    LoRAs take the memoised fast path (lora_core.stack_analysis); others the general functions."""
+def _analyse(applied, model, clip, decorrelate: bool, layer_cap: float | None, spectral_cap: float | None):
+    """Plan the stack, measure its overlaps, then decorrelate, cap layers and cap their top singular values
+    as asked. Stacks of plain LoRAs take the memoised fast path (lora_core.stack_analysis); others the
+    general functions. `applied`: (name, match, model, clip[, model per block]) per LoRA."""
     norms = base_weight_norms(model, clip)
-    shape = stack_shape([(name, match) for name, match, _, _ in applied])
+    spectra = base_weight_spectra(model, clip) if spectral_cap is not None else None
+    shape = stack_shape([(name, match) for name, match, *_ in applied])
     if shape is not None:
-        fast = analyse(shape, [(sm, sc) for _, _, sm, sc in applied], decorrelate, layer_cap, norms)
-        return fast.layers, fast.overlaps, fast.decorrelated, fast.capped
+        fast = analyse(shape, [tuple(strengths) for _, _, *strengths in applied], decorrelate, layer_cap, norms,
+                       spectral_cap, spectra)
+        return fast.layers, fast.overlaps, fast.decorrelated, fast.capped, fast.spectral
     layers, names = plan_named(applied)
     overlaps = pair_cosines(by_lora(layers, names))
-    decorrelated, capped = [], []
+    decorrelated, capped, spectral = [], [], []
     if decorrelate and layers:
         layers, decorrelated = decorrelate_layers(layers, names, overlaps)
     if layer_cap is not None and layers:
         layers, capped = cap_layers(layers, lambda t: base_weight(model, clip, t), layer_cap, norms)
-    return layers, overlaps, decorrelated, capped
+    if spectral_cap is not None and layers:
+        layers, spectral = spectral_cap_layers(layers, lambda t: base_weight(model, clip, t), spectral_cap, spectra)
+    return layers, overlaps, decorrelated, capped, spectral
 
 
 decorrelate_layers = decorrelate  # the node's boolean input shadows the function's name in _analyse
@@ -144,8 +178,10 @@ def _bad_rows(node_cls, rows: dict) -> dict[str, str]:
     return bad
 
 
-def _load_rows(requested, model, clip, problems: list[str], bad_rows: dict) -> tuple[list, list[StackEntry]]:
-    """Match each row on the host; a bad row is skipped and reported, the rest still apply."""
+def _load_rows(requested, model, clip, problems: list[str], bad_rows: dict, rows: dict
+               ) -> tuple[list, list[StackEntry]]:
+    """Match each row on the host and read its block weights; a bad row is skipped and reported, the
+    rest still apply. Returns (match or None, file name or None, BlockWeights or None) per row kept."""
     loaded, entries = [], []
     for label, source, s_model, s_clip, enabled, file_name in requested:
         try:
@@ -154,28 +190,43 @@ def _load_rows(requested, model, clip, problems: list[str], bad_rows: dict) -> t
                 raise LoRAError(problem)
             lora = load_named_lora(source) if isinstance(source, str) else source
             match = match_on_host(lora, model, clip) if enabled else None
+            weights = None
+            if match is not None and label.startswith("row "):
+                keys = [p.target.key for p in match.patches] + [t.key for t in match.foreign]
+                weights = resolve_block_weights(rows.get(f"blocks_{label.split()[1]}"), keys)
         except (LoRAError, OSError) as e:
             problems.append(f"SKIPPED {label}: {e}")
             logging.warning("Stack LoRA: skipped %s: %s", label, e)
             continue
-        loaded.append((match, file_name))
-        entries.append(StackEntry(f"{label}: {lora.name}", s_model, s_clip, enabled))
+        loaded.append((match, file_name, weights))
+        entries.append(StackEntry(f"{label}: {lora.name}", s_model, s_clip, enabled,
+                                  None if weights is None else weights.ratios))
     return loaded, entries
 
 
-def _report(effective, problems, capped, overlaps, decorrelated, counts, mode) -> str:
+def _report(effective, problems, capped, overlaps, decorrelated, counts, mode, spectral=(), block_weights=()) -> str:
     lines = [f"Stack LoRA ({mode})"]
-    for e in effective:
+    for e, weights in zip(effective, list(block_weights) or [None] * len(effective)):
         state = " (off)" if not e.enabled else ""
         lines.append(f"  {e.name}: model {e.requested_model:g} -> {e.effective_model:.4g}, "
                      f"clip {e.requested_clip:g} -> {e.effective_clip:.4g}{state}"
                      + (f"; {'; '.join(e.notes)}" if e.notes else ""))
+        if weights is not None and e.effective_blocks is not None:
+            lines.append(f"    block weights ({weights.vector.preset or 'vector'}): {weights.describe()}")
+            lines.append("    model strength per block: "
+                         + ", ".join(f"{label} {v:.4g}" for label, v in e.effective_blocks.items()))
+            lines += [f"    {note}" for note in weights.notes]
     if not any(e.enabled for e in effective):
         lines.append("  no LoRA is on: the model passes through unchanged")
     lines += [f"  {p}" for p in problems]
     if capped:
         lines.append(f"  layer cap touched {len(capped)} layers (change / weight, before -> after):")
         for c in sorted(capped, key=lambda c: -c.ratio_before)[:15]:
+            lines.append(f"    {c.target.key}: {c.ratio_before:.4f} -> {c.ratio_after:.4f}")
+    if spectral:
+        lines.append(f"  spectral cap touched {len(spectral)} layers (top singular value of change / of weight, "
+                     "before -> after):")
+        for c in sorted(spectral, key=lambda c: -c.ratio_before)[:15]:
             lines.append(f"    {c.target.key}: {c.ratio_before:.4f} -> {c.ratio_after:.4f}")
     top = top_overlaps(overlaps, 5)
     if top:

@@ -146,7 +146,7 @@ def test_stack_of_two_and_their_merge_equal_core_chained(comfy_host, pack, famil
             "lora_2": b, "on_2": True, "strength_model_2": -0.4, "strength_clip_2": 0.0}
     settings = {"mode": "merge", "clamp_weights": True, "weight_min": -1.0, "weight_max": 1.0, "use_budget": True,
                 "budget": 1.5, "use_layer_cap": False, "layer_cap": 0.1, "decorrelate": False}
-    stacked, _, stack_out, report, _ = pack.nodes.stack_lora.StackLoRA.execute(model=model, **settings, **rows).args
+    stacked, _, stack_out, report, *_ = pack.nodes.stack_lora.StackLoRA.execute(model=model, **settings, **rows).args
     assert [s[1] for s in stack_out] == pytest.approx([0.6, -0.4])
     chain = model
     for name, strength in ((a, 0.6), (b, -0.4)):

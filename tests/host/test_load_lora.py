@@ -29,8 +29,9 @@ def load_node(comfy_host):
 
 
 def ours(load_node, name, model, clip, s_model=0.8, s_clip=0.6, mode="merge"):
+    """(MODEL, CLIP, LORA, report); the trigger_words output is tested in test_block_weights.py."""
     out = load_node.execute(name, s_model, s_clip, mode, model=model, clip=clip)
-    return out.args
+    return out.args[:4]
 
 
 def core(comfy_host, name, model, clip, s_model=0.8, s_clip=0.6):

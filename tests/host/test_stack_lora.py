@@ -39,8 +39,9 @@ def _rows(names_strengths):
 
 
 def stack(comfy_host, model, clip, rows, **settings):
+    """(MODEL, CLIP, LORA_STACK, report, interference); trigger_words is tested in test_block_weights.py."""
     node = comfy_host.pack.nodes.stack_lora.StackLoRA
-    return node.execute(model=model, clip=clip, **(ROW_DEFAULTS | settings), **rows).args
+    return node.execute(model=model, clip=clip, **(ROW_DEFAULTS | settings), **rows).args[:5]
 
 
 def test_merge_stack_equals_core_loaders_at_the_clamped_strengths(comfy_host, sd15, three_loras):
