@@ -17,13 +17,14 @@ from ..lora_core.export import build_metadata, save_lora
 from ..lora_core.plots import render_loss_curve
 from ..lora_core.training import (
     ATTENTION,
-    OPTIMIZERS,
     PRESETS,
     SCHEDULES,
     TrainHooks,
     TrainingDiverged,
     TrainSettings,
+    available_optimizers,
     make_optimizer,
+    optimizer_tooltip,
     train,
 )
 from ..lora_core.training.state_io import STATE_SUFFIX, load_optimizer_state, save_optimizer_state
@@ -93,7 +94,10 @@ class TrainLoRA(io.ComfyNode):
                 io.Int.Input("grad_accumulation", default=1, min=1, max=64,
                              tooltip="Steps of gradients summed before each optimizer step (a bigger batch "
                                      "without more memory)."),
-                io.Combo.Input("optimizer", options=OPTIMIZERS, default="adamw", tooltip="AdamW is the standard."),
+                # Only what this host can run (Prodigy with prodigyopt, 8-bit AdamW with bitsandbytes on a GPU);
+                # the tooltip says why an option is missing.
+                io.Combo.Input("optimizer", options=available_optimizers(), default="adamw",
+                               tooltip=optimizer_tooltip()),
                 io.Combo.Input("lr_schedule", options=SCHEDULES, default="cosine",
                                tooltip="cosine decays to 0 by the last step; constant keeps the rate."),
                 io.Int.Input("warmup_steps", default=0, min=0, max=10000, tooltip="Linear warm-up steps."),

@@ -58,6 +58,8 @@ PYTHON_VERSION = (3, 11)
 TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
 SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
 EXTRA_REQUIREMENTS = ("requests", "pytest", "playwright")  # playwright drives Debian's chromium; it never downloads one
+# Test-only: prodigyopt is the Prodigy optimizer Train LoRA offers when it is installed (tests/core/test_optimizers.py).
+TEST_REQUIREMENTS = ("prodigyopt==1.1.2",)
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 FIXTURE_PACK = CHECKOUT / "tests" / "host_fixture" / "lw_test_fixture"
@@ -271,7 +273,8 @@ def filtered_requirements(requirements_txt: Path) -> list[str]:
 
 def ensure_venv(venv: Path, requirements_txt: Path) -> Path:
     requirements = filtered_requirements(requirements_txt)
-    wanted = sha256_bytes(json.dumps([PYTHON_VERSION, TORCH_PINS, requirements, EXTRA_REQUIREMENTS]).encode())
+    wanted = sha256_bytes(json.dumps([PYTHON_VERSION, TORCH_PINS, requirements, EXTRA_REQUIREMENTS,
+                                      TEST_REQUIREMENTS]).encode())
     python = venv_python(venv)
     stamp = venv / VENV_STAMP
     if python.exists() and stamp.is_file() and stamp.read_text().strip() == wanted:
@@ -285,7 +288,7 @@ def ensure_venv(venv: Path, requirements_txt: Path) -> Path:
     req_file = venv / "lw-comfyui-requirements.txt"
     req_file.write_text("\n".join(requirements) + "\n")
     log("pip: ComfyUI requirements")
-    run([*pip, "-r", req_file, *EXTRA_REQUIREMENTS, *TORCH_PINS])
+    run([*pip, "-r", req_file, *EXTRA_REQUIREMENTS, *TEST_REQUIREMENTS, *TORCH_PINS])
     stamp.write_text(wanted + "\n")
     return python
 

@@ -3,7 +3,15 @@ from .buckets import bucket_sizes, fit_image, nearest_bucket
 from .layers import CheckpointedForward, CloneInputForward, LoRATrainLayer, TrainForward
 from .loop import Sample, TrainHooks, TrainingDiverged, TrainResult, TrainSettings, collate_conds, train
 from .objective import EPS, FLOW, V_PRED, NoiseModel, simple_noise_model
-from .schedule import OPTIMIZERS, SCHEDULES, lr_factor, make_optimizer
+from .schedule import (
+    OPTIMIZERS,
+    SCHEDULES,
+    available_optimizers,
+    lr_factor,
+    make_optimizer,
+    optimizer_support,
+    optimizer_tooltip,
+)
 from .targets import ATTENTION, ATTENTION_FF, PRESETS, select_targets
 
 __all__ = [name for name in dir() if not name.startswith("_")]

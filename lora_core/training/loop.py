@@ -14,7 +14,7 @@ import torch
 
 from ..errors import LoRAError
 from .objective import NoiseModel, sample_noise, weighted_x0_loss
-from .schedule import lr_factor, make_optimizer
+from .schedule import base_learning_rate, effective_learning_rate, lr_factor, make_optimizer
 
 
 class TrainingDiverged(LoRAError):
@@ -124,7 +124,8 @@ def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parame
         if hooks.should_stop():
             result.stopped_early = True
             break
-        lr = settings.learning_rate * lr_factor(step, settings.steps, settings.lr_schedule, settings.warmup_steps)
+        lr = base_learning_rate(settings.optimizer, settings.learning_rate) * lr_factor(
+            step, settings.steps, settings.lr_schedule, settings.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
@@ -150,7 +151,7 @@ def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parame
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(total)
         result.steps_done = step + 1
-        hooks.on_step(step + 1, total, lr)
+        hooks.on_step(step + 1, total, effective_learning_rate(optimizer, lr))
         if hooks.checkpoint_every and (step + 1) % hooks.checkpoint_every == 0 and step + 1 < settings.steps:
             hooks.on_checkpoint(step + 1)
     result.seconds = time.perf_counter() - began
