@@ -347,6 +347,9 @@ const STYLE = `
 .lw-eff { font-variant-numeric: tabular-nums; color: var(--descrip-text, #999); white-space: nowrap; }
 .lw-eff.lw-clamped { color: #e0af68; }
 .lw-eff.lw-stale { opacity: .5; }
+.lw-blocks { display: grid; grid-template-columns: 40px 1fr auto; align-items: center; gap: 4px; }
+.lw-blocks-text { min-width: 0; background: var(--comfy-input-bg, #222); color: var(--input-text, #ddd);
+  border: 1px solid var(--border-color, #444); border-radius: 4px; font: 11px/16px ui-monospace, monospace; padding: 0 4px; }
 .lw-footer { display: flex; align-items: center; gap: 6px; }
 .lw-footer .lw-muted { margin-left: auto; }
 

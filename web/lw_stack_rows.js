@@ -5,6 +5,8 @@
 // extension. The editor hides those widgets and shows the rows in use as cards: add, remove,
 // reorder (arrows or drag), toggle, pick a LoRA, set strengths with sliders; after a run it shows
 // each row's effective (clamped) strength beside the requested one (ui output lw_effective).
+// Stack LoRA rows also carry block weights (blocks_N, a STRING widget): a compact text field with
+// preset suggestions; after a run it says how many blocks the vector reached and which are off.
 // Rows in use are always rows 1..K: K = max(last row with a LoRA or a link, properties.lw_rows),
 // so a saved workflow reloads with the same rows.
 import { app } from "../../scripts/app.js";
@@ -14,13 +16,24 @@ import {
 } from "./lw_common.js";
 
 const NODE_TYPES = new Set(["LW_StackLoRA", "LW_MergeLoRA"]);
-const FIELDS = ["lora", "on", "strength_model", "strength_clip"];
+const FIELDS = ["lora", "on", "strength_model", "strength_clip", "blocks"]; // blocks: Stack LoRA only
 const SLIDER_RANGE = 2; // sliders span -2..2; the number box takes the node's full -10..10
 const ROW_HEIGHT = 84; // a row card (76 px) and the gap after it
+const BLOCKS_HEIGHT = 24; // the block weights line of a Stack LoRA row
+// The LoRA Block Weight presets people share (lora_core/block_weights.py has their vectors).
+const BLOCK_PRESETS = ["ALL", "NONE", "INS", "IND", "INALL", "MIDD", "MOUT", "OUTD", "OUTS", "OUTALL", "ALL0.5",
+  "SDXL-ALL", "SDXL-INALL", "SDXL-MIDALL", "SDXL-OUTALL", "FLUX-DBL-FRONT", "FLUX-DBL-MID", "FLUX-DBL-TAIL"];
+const BLOCKS_HELP = "Block weights (LoRA Block Weight convention): BASE (text encoder and non-block layers) first, "
+  + "then one value per block the LoRA touches (SD1.x 17 values, SDXL 12, Flux: double then single blocks), "
+  + "a preset (SD-MIDD, SDXL-OUTALL, ALL, OUTD, ...) or a %spec (%default=0,base=1,out=1). Empty: every block at 1.";
 const FOOTER_HEIGHT = 26 + 20; // the add button, and the DOM widget's margins (10 px each side)
 const MIN_WIDTH = 430;
 
 const fieldName = (field, row) => `${field}_${row}`;
+
+function rowHeight(node) {
+  return ROW_HEIGHT + (findWidget(node, "blocks_1") ? BLOCKS_HEIGHT : 0);
+}
 
 function rowTotal(node) {
   return (node.widgets || []).filter((w) => /^lora_\d+$/.test(w.name)).length;
@@ -123,6 +136,7 @@ function clearRow(node, row) {
   setValue(node, w.on, true);
   setValue(node, w.strength_model, 1.0);
   setValue(node, w.strength_clip, 1.0);
+  setValue(node, w.blocks, "");
   if (node.lw_effective) delete node.lw_effective[row];
 }
 
@@ -153,7 +167,8 @@ export function moveRow(node, from, to) {
 
 // ---------------------------------------------------------------- effective strengths (onExecuted)
 
-/** ui.lw_effective rows: [name, requested_model, effective_model, requested_clip, effective_clip]. */
+/** ui.lw_effective rows: [name, requested_model, effective_model, requested_clip, effective_clip,
+ *  model strength per block or null]. */
 function readEffective(node, output) {
   const rows = output?.lw_effective;
   if (!Array.isArray(rows)) return;
@@ -167,6 +182,7 @@ function readEffective(node, output) {
       lora: w.lora?.value, on: w.on?.value !== false, name: match[2],
       model: [Number(entry[1]), Number(entry[2])],
       clip: [Number(entry[3]), Number(entry[4])],
+      blocks: entry[5] && typeof entry[5] === "object" ? entry[5] : null, blocksText: w.blocks?.value ?? "",
     };
   }
   node.lw_effective = byRow;
@@ -226,6 +242,43 @@ function strengthControl(node, row, field, label) {
   return h("div.lw-strength", {}, h("span.lw-muted", {}, linked ? `${label} ⛓` : label), slider, box, effSlot);
 }
 
+function blockSummary(node, row) {
+  const eff = node.lw_effective?.[row];
+  if (!eff || !eff.on || !eff.blocks || eff.lora !== rowWidgets(node, row).lora?.value) return null;
+  const entries = Object.entries(eff.blocks);
+  const off = entries.filter(([, v]) => Number(v) === 0).map(([k]) => k);
+  const stale = (rowWidgets(node, row).blocks?.value ?? "") !== eff.blocksText;
+  const title = `${stale ? "last run (block weights changed since): " : "last run: "}model strength per block: `
+    + entries.map(([k, v]) => `${k} ${fmtNumber(Number(v))}`).join(", ");
+  return h(`span.lw-eff${stale ? ".lw-stale" : ""}`, { title, dataset: { blocks: String(entries.length) } },
+    `${entries.length} blocks${off.length ? `, ${off.length} off` : ""}`);
+}
+
+function ensurePresetList() {
+  if (document.getElementById("lw-block-presets")) return;
+  document.body.append(h("datalist", { id: "lw-block-presets" }, BLOCK_PRESETS.map((p) => h("option", { value: p }))));
+}
+
+function blocksControl(node, row) {
+  const widget = findWidget(node, fieldName("blocks", row));
+  if (!widget) return null; // Merge LoRA rows have no block weights
+  ensurePresetList();
+  const linked = isInputLinked(node, fieldName("blocks", row));
+  const box = h("input.lw-blocks-text", {
+    type: "text", disabled: linked, placeholder: "all blocks 1 · e.g. MIDD or 1,0,0,…", title: BLOCKS_HELP,
+    spellcheck: false, dataset: { field: "blocks" }, list: "lw-block-presets",
+  });
+  box.value = String(widget.value ?? "");
+  const effSlot = h("span", {}, blockSummary(node, row));
+  box.addEventListener("change", () => {
+    setValue(node, widget, box.value.trim());
+    node.lw_signature = signature(node);
+    effSlot.replaceChildren(...[blockSummary(node, row)].filter(Boolean));
+  });
+  box.addEventListener("keydown", (e) => e.stopPropagation());
+  return h("div.lw-blocks", {}, h("span.lw-muted", {}, linked ? "blocks ⛓" : "blocks"), box, effSlot);
+}
+
 function renderRow(node, row, count) {
   const w = rowWidgets(node, row);
   const on = w.on?.value !== false;
@@ -268,6 +321,7 @@ function renderRow(node, row, count) {
     h("div.lw-row-head", {}, handle, h("span.lw-index", {}, row), toggle, picker, info, up, down, remove),
     strengthControl(node, row, "strength_model", "model"),
     strengthControl(node, row, "strength_clip", "clip"),
+    blocksControl(node, row),
   );
   handle.addEventListener("dragstart", (e) => {
     e.dataTransfer.setData("text/x-lw-row", String(row));
@@ -306,7 +360,7 @@ export function refresh(node) {
   node.lw_signature = signature(node);
   editor.element.dataset.rows = String(count);
   editor.element.dataset.node = String(node.id);
-  const height = count * ROW_HEIGHT + FOOTER_HEIGHT;
+  const height = count * rowHeight(node) + FOOTER_HEIGHT;
   if (editor.height !== height) {
     editor.height = height;
     fitHeight(node, MIN_WIDTH);
@@ -333,7 +387,7 @@ function setUp(node) {
     }
   }
   const element = h("div.lw-root.lw-rows", { dataset: { lwEditor: node.comfyClass || node.type } });
-  const editor = { element, height: ROW_HEIGHT + FOOTER_HEIGHT };
+  const editor = { element, height: rowHeight(node) + FOOTER_HEIGHT };
   node.lw_editor = editor;
   const widget = node.addDOMWidget("lw_rows", "lw_rows", element, {
     serialize: false,

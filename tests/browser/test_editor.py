@@ -223,3 +223,44 @@ def test_info_route_from_the_page(ui, info_route):
         return [r.status, await r.json()];
     }""")
     assert result[0] == 400 and "'..'" in result[1]["error"]
+
+
+def test_row_block_weights_are_compact_saved_and_shown_after_a_run_and_old_saves_load(ui, comfy_http):
+    ids = _stack_graph(ui, lora_1=STYLE)
+    stack = ids["stack"]
+    text = ui.page.locator(f"{EDITOR} .lw-row[data-row='1'] input.lw-blocks-text")
+    assert text.input_value() == "" and text.get_attribute("list") == "lw-block-presets"
+    # one line per row: the block weights field sits under the two strength sliders
+    heights = ui.js("() => [...document.querySelectorAll('[data-lw-editor] .lw-row')].map(r => r.offsetHeight)")
+    assert heights[0] <= 110
+    vector = "1,0,1,1,2,1,1,1"  # the tiny SD1.5: BASE, IN01, IN03, MID, OUT00..OUT03
+    text.fill(vector)
+    text.press("Tab")
+    inputs = ui.prompt()["output"][str(stack)]["inputs"]
+    assert inputs["blocks_1"] == vector and inputs["blocks_2"] == ""
+    assert inputs["use_spectral_cap"] is False and inputs["spectral_cap"] == pytest.approx(0.5)
+
+    # a saved workflow reloads with its block weights
+    saved = ui.js("() => JSON.parse(JSON.stringify(app.graph.serialize()))")
+    ui.clear()
+    ui.load(saved)
+    ui.focus([stack], top=20)
+    assert ui.page.locator(f"{EDITOR} .lw-row[data-row='1'] input.lw-blocks-text").input_value() == vector
+    assert ui.prompt()["output"][str(stack)]["inputs"]["blocks_1"] == vector
+
+    # a run: the row says how many blocks the vector reached and how many are off (IN01 at 0)
+    entry = comfy_http.wait_for(ui.queue(), timeout=120)
+    assert entry["status"]["status_str"] == "success"
+    ui.wait_for("() => document.querySelector(\"[data-lw-editor] .lw-row[data-row='1'] .lw-eff[data-blocks]\")",
+                timeout=20_000)
+    summary = ui.page.locator(f"{EDITOR} .lw-row[data-row='1'] .lw-eff[data-blocks]")
+    assert summary.inner_text() == "8 blocks, 1 off"
+    assert "OUT00 1" in summary.get_attribute("title") and "IN01 0" in summary.get_attribute("title")
+
+    # a workflow saved before block weights and the spectral cap existed (33 widget values) loads unchanged
+    node = next(n for n in saved["nodes"] if n["id"] == stack)
+    node["widgets_values"] = node["widgets_values"][:33]
+    ui.clear()
+    ui.load(saved)
+    inputs = ui.prompt()["output"][str(stack)]["inputs"]
+    assert inputs["lora_1"] == STYLE and inputs["blocks_1"] == "" and inputs["use_spectral_cap"] is False
