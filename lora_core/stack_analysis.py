@@ -19,11 +19,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from . import caches
 from . import spectral as spectral_cap_math
 from .adapters import Adapter
 from .block_weights import strength_at
 from .clamping import CappedLayer
-from .frobenius import adapter_inner
+from .frobenius import gram as layer_gram
 from .interference import Decorrelated, LayerOverlap, _cosine
 from .matching import MatchResult, Target
 from .weight_patch import Term
@@ -57,6 +58,7 @@ class StackAnalysis:
 
 _SHAPES: "OrderedDict[tuple, tuple[list, StackShape | None]]" = OrderedDict()
 _SHAPES_KEPT = 8
+caches.register("stack_shapes", _SHAPES.clear)
 
 
 def stack_shape(entries: Sequence[tuple[str, MatchResult]]) -> StackShape | None:
@@ -91,7 +93,7 @@ def _build(entries: Sequence[tuple[str, MatchResult]]) -> StackShape | None:
     layers, where = [], {}
     for target, present in members.items():
         adapters = tuple(a for _, a in present)
-        gram = tuple(tuple(adapter_inner(a, b) for b in adapters) for a in adapters)
+        gram = tuple(tuple(row) for row in layer_gram(adapters))
         where[target] = len(layers)
         layers.append(LayerShape(target, tuple(i for i, _ in present), adapters, gram))
     return StackShape(tuple(name for name, _ in entries), tuple(layers),

@@ -16,15 +16,18 @@ import torch
 from comfy.weight_adapter import WeightAdapterBase
 
 from . import comfy_compat
+from ..lora_core import caches
 from ..lora_core import (
     CLIP,
     MODEL,
     BypassForward,
+    Fused,
     LoRA,
     MatchResult,
     Target,
     Term,
     apply_terms,
+    fuse,
     families,
     match_lora,
     supports_bypass,
@@ -44,10 +47,17 @@ class WorkbenchWeightPatch(WeightAdapterBase):
         self.terms = terms
         self.loaded_keys = set()
         self.weights = []
+        self._steps: list | None = None  # fused factors (CPU), built at the first patch, kept for re-patches
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
-        return apply_terms(weight, self.terms, strength)
+        if self._steps is None:
+            self._steps = fuse(self.terms, torch.device("cpu"))
+        steps = self._steps
+        if weight.device.type != "cpu":  # kept on the CPU: a GPU holds only the one layer being patched
+            steps = [s._replace(up=s.up.to(weight.device), down=s.down.to(weight.device)) if isinstance(s, Fused)
+                     else s for s in steps]
+        return apply_terms(weight, self.terms, strength, steps)
 
 
 def model_family(model=None, clip=None) -> str:
@@ -67,6 +77,7 @@ def model_family(model=None, clip=None) -> str:
 
 # Key maps and weight shapes per live model: building them walks the whole state dict.
 _HOST_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[dict, dict]]" = weakref.WeakKeyDictionary()
+caches.register("host_key_maps", _HOST_CACHE.clear)
 
 
 def _host_keys(module: torch.nn.Module, builder) -> tuple[dict, dict]:
@@ -79,6 +90,7 @@ def _host_keys(module: torch.nn.Module, builder) -> tuple[dict, dict]:
 
 # Match results per live model and LoRA: a re-run after a strength change matches nothing again.
 _MATCH_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
+caches.register("matches", _MATCH_CACHE.clear)
 
 
 def match_on_host(lora: LoRA, model=None, clip=None, allow_partial: bool = False) -> MatchResult:
@@ -137,6 +149,7 @@ def base_weight(model, clip, target: Target) -> torch.Tensor:
 # ||W||_F of base weights per live model: ComfyUI never changes a base weight for good (patches
 # are undone from backups), so a Stack LoRA re-run reads none of them again.
 _NORM_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[Target, float]]" = weakref.WeakKeyDictionary()
+caches.register("weight_norms", _NORM_CACHE.clear)
 
 
 def base_weight_norms(model, clip):
@@ -168,6 +181,7 @@ def base_weight_spectra(model, clip) -> WeightSpectra:
 
 
 _MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+caches.register("modules", _MODULES.clear)
 
 
 def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
