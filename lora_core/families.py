@@ -11,6 +11,10 @@ Each `Family` holds, for one base model family:
   * `host_configs`: the names of ComfyUI's model config classes (comfy.supported_models) of
     this family. Plain strings, so this module needs no ComfyUI; the bridge walks a model's
     config class hierarchy and takes the first name found here.
+  * `kohya_unet_layout`: for the UNet families, whose kohya files (sd-scripts) name modules by
+    their diffusers paths (`lora_unet_down_blocks_0_attentions_0_...`), the standard UNet's block
+    layout, from which the host (ComfyUI's unet_to_diffusers) builds the map from its own paths.
+    Empty for the others: their trainers (kohya, musubi-tuner) write `lora_unet_` + the ComfyUI path.
 
 Unknown families degrade gracefully: `UNKNOWN_FAMILY` trains the layers whose names say
 attention, writes "unknown" as the architecture and never claims another family's name.
@@ -41,6 +45,9 @@ class Family:
     attention: tuple[str, ...] = ()        # regexes over host weight paths: attention linears
     feed_forward: tuple[str, ...] = ()     # regexes: feed-forward linears
     host_configs: tuple[str, ...] = ()     # ComfyUI supported_models class names
+    # (num_res_blocks, transformer_depth, transformer_depth_middle, transformer_depth_output) of the
+    # standard UNet, as ComfyUI's unet_config names them; () where files use the ComfyUI path.
+    kohya_unet_layout: tuple = ()
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _patterns(self, kind: str) -> list[re.Pattern]:
@@ -52,6 +59,14 @@ class Family:
         patterns = self._patterns("key_hints")
         return any(p.search(n) for n in names for p in patterns)
 
+    def unet_config(self) -> dict | None:
+        """The standard UNet's layout as a ComfyUI unet_config (the keys unet_to_diffusers reads), or None."""
+        if not self.kohya_unet_layout:
+            return None
+        res, depth, middle, output = self.kohya_unet_layout
+        return {"num_res_blocks": list(res), "channel_mult": [1] * len(res), "transformer_depth": list(depth),
+                "transformer_depth_middle": middle, "transformer_depth_output": list(output)}
+
     def is_target(self, path: str, feed_forward: bool = False) -> bool:
         """Does this host weight path (no `diffusion_model.`, no `.weight`) belong to the preset?"""
         kinds = ("attention", "feed_forward") if feed_forward else ("attention",)
@@ -61,6 +76,9 @@ class Family:
 _UNET_ATTENTION = (r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",)
 _UNET_FF = (r"\.ff\.net\.(0\.proj|2)$",)
 _UNET_KEYS = (rf"(down_blocks|up_blocks|input_blocks|output_blocks|middle_block|mid_block){S}\d", r"lora_te_")
+# The standard UNets' layouts (ComfyUI's model_detection values for SD1.5/SD2 and SDXL base).
+_SD_LAYOUT = ((2, 2, 2, 2), (1, 1, 1, 1, 1, 1, 0, 0), 1, (1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0))
+_SDXL_LAYOUT = ((2, 2, 2), (0, 0, 2, 2, 10, 10), 10, (0, 0, 0, 2, 2, 2, 10, 10, 10))
 _FLUX_ATTENTION = (r"double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)$", r"single_blocks\.\d+\.linear[12]$")
 _FLUX_FF = (r"double_blocks\.\d+\.(img|txt)_mlp\.[02]$",)
 _FLUX_KEYS = (rf"(double_blocks|single_blocks|single_transformer_blocks){S}\d",)
@@ -82,11 +100,11 @@ FAMILIES: list[Family] = [
            ("sdxl", "stable-diffusion-xl"),
            (r"lora_te2_", r"text_encoder_2", rf"\d{S}transformer_blocks{S}[1-9]", r"add_embedding", r"label_emb"),
            _UNET_ATTENTION, _UNET_FF, ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B",
-                                       "SDXL_instructpix2pix")),
+                                       "SDXL_instructpix2pix"), _SDXL_LAYOUT),
     Family(SD1, "stable-diffusion-v1", "sd_v1", "512x512", ("sd_v1", "stable-diffusion-v1"), _UNET_KEYS,
-           _UNET_ATTENTION, _UNET_FF, ("SD15", "SD15_instructpix2pix")),
+           _UNET_ATTENTION, _UNET_FF, ("SD15", "SD15_instructpix2pix"), _SD_LAYOUT),
     Family(SD2, "stable-diffusion-v2-768-v", "sd_v2", "768x768", ("sd_v2", "stable-diffusion-v2"), _UNET_KEYS,
-           _UNET_ATTENTION, _UNET_FF, ("SD20", "SD21UnclipL", "SD21UnclipH", "LotusD", "SD_X4Upscaler")),
+           _UNET_ATTENTION, _UNET_FF, ("SD20", "SD21UnclipL", "SD21UnclipH", "LotusD", "SD_X4Upscaler"), _SD_LAYOUT),
     Family(SD3, "stable-diffusion-3", "sd3", "1024x1024", ("sd3", "stable-diffusion-3"), (rf"joint_blocks{S}\d",),
            (r"joint_blocks\.\d+\.(x_block|context_block)\.attn2?\.(qkv|proj)$",),
            (r"joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc[12]$",), ("SD3",)),

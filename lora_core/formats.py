@@ -4,6 +4,9 @@ Layouts read: kohya (`lora_up/lora_down/alpha`, LoCon `lora_mid`), diffusers/PEF
 (`lora_A/lora_B`, `.lora.up/.down`, `_lora.up/.down`, `lora_linear_layer`, `.default`),
 DoRA `dora_scale`, LoHa (`hada_*`) and LoKr (`lokr_*`). Modules using other algorithms
 (GLoRA, OFT, BOFT, full diffs) are kept as `foreign` so the host can hand them to ComfyUI.
+diffusers/PEFT files keep their alphas in the `lora_adapter_metadata` header entry (peft_config.py):
+a module without an `.alpha` tensor gets the alpha diffusers would use, and every module records
+where its alpha came from (`LoRA.alpha_sources`).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import peft_config
 from .adapters import Adapter, claim_adapter
 from .errors import LoRAShapeError
 
@@ -57,6 +61,7 @@ class LoRA:
     unrecognised: list[str] = field(default_factory=list)
     source_path: str | None = None
     sha256: str | None = None
+    alpha_sources: dict[str, str] = field(default_factory=dict)  # module -> where its alpha came from
 
     @property
     def ranks(self) -> list[int]:
@@ -65,6 +70,18 @@ class LoRA:
     @property
     def alphas(self) -> list[float]:
         return sorted({a.alpha for a in self.adapters.values() if a.alpha is not None})
+
+    def alpha_summary(self) -> list[str]:
+        """'8 from lora_adapter_metadata lora_alpha (40 modules)', one line per (alpha, source)."""
+        counts: dict[tuple, int] = {}
+        for prefix, source in self.alpha_sources.items():
+            alpha = self.adapters[prefix].alpha if prefix in self.adapters else None
+            counts[(alpha, source)] = counts.get((alpha, source), 0) + 1
+        lines = []
+        for (alpha, source), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0][1], kv[0][0] or 0.0)):
+            value = "-" if alpha is None or source.startswith(peft_config.NO_ALPHA) else f"{alpha:g}"
+            lines.append(f"{value} from {source} ({n} module{'s' if n != 1 else ''})")
+        return lines
 
     def kinds(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -81,8 +98,13 @@ def _foreign_prefix(key: str) -> str | None:
     return None
 
 
-def parse_lora(tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, str] | None = None) -> LoRA:
-    """Group a file's tensors by module and let the adapter registry claim each module."""
+def parse_lora(tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, str] | None = None,
+               adapter_config: tuple[str, str] | None = None) -> LoRA:
+    """Group a file's tensors by module and let the adapter registry claim each module.
+
+    Alphas: a module's own `.alpha` tensor, else the PEFT config of the file's `lora_adapter_metadata`
+    header entry, else `adapter_config` = (source name, JSON text) (PEFT's adapter_config.json), else
+    none (scale 1, alpha = rank), as diffusers and ComfyUI read them."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     original_keys: dict[str, dict[str, str]] = {}
     foreign: dict[str, dict[str, torch.Tensor]] = {}
@@ -100,9 +122,11 @@ def parse_lora(tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, 
         else:
             unrecognised.append(key)
 
+    metadata = dict(metadata or {})
+    alpha_sources = _peft_alphas(modules, metadata, adapter_config)
     adapters: dict[str, Adapter] = {}
     for prefix, roles in modules.items():
-        as_written = {original_keys[prefix][r]: t for r, t in roles.items()}
+        as_written = {original_keys[prefix][r]: t for r, t in roles.items() if r in original_keys[prefix]}
         if prefix in foreign:  # e.g. a LoRA with a bias diff: let core apply the whole module
             foreign[prefix].update(as_written)
             continue
@@ -117,8 +141,32 @@ def parse_lora(tensors: dict[str, torch.Tensor], name: str, metadata: dict[str, 
                 foreign.setdefault(prefix, {}).update(as_written)
         else:
             adapters[prefix] = adapter
-    return LoRA(name=name, adapters=adapters, metadata=dict(metadata or {}), foreign=foreign,
-                unrecognised=sorted(unrecognised))
+    return LoRA(name=name, adapters=adapters, metadata=metadata, foreign=foreign, unrecognised=sorted(unrecognised),
+                alpha_sources={p: s for p, s in alpha_sources.items() if p in adapters})
+
+
+def _peft_alphas(modules: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str],
+                 adapter_config: tuple[str, str] | None) -> dict[str, str]:
+    """Give each low-rank module without an `.alpha` tensor the alpha diffusers/PEFT would use (added to its
+    roles as a float32 scalar); returns where each module's alpha came from."""
+    configs, source = peft_config.read_configs(metadata.get(peft_config.METADATA_KEY)), peft_config.METADATA_KEY
+    if not configs and adapter_config is not None:
+        source, configs = adapter_config[0], peft_config.read_configs(adapter_config[1])
+    sources: dict[str, str] = {}
+    for prefix, roles in modules.items():
+        if "alpha" in roles:
+            sources[prefix] = peft_config.FROM_FILE
+            continue
+        down = roles.get("down")
+        found = None
+        if down is not None and "up" in roles and configs:
+            found = peft_config.module_alpha(prefix, int(down.shape[0]), configs, source)
+        if found is None:
+            sources[prefix] = peft_config.NO_ALPHA + " (scale 1)"
+        else:
+            roles["alpha"] = torch.tensor(found[0], dtype=torch.float32)
+            sources[prefix] = found[1]
+    return sources
 
 
 def file_sha256(path: str) -> str:

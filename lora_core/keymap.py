@@ -4,6 +4,11 @@ The host (ComfyUI) supplies a map from LoRA module names to its weight keys. Cor
 misses modern PEFT/diffusers names such as `unet.<path>.to_q` (no `.processor.`) and
 `base_model.model.<path>`; rewriting them into kohya's underscore form reaches a name the
 host already knows, so one rule covers UNet, text encoders and transformers alike.
+
+Bare diffusers module names, as a model's own `save_lora_adapter()` writes them
+(`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k`, `transformer_blocks.0.attn.to_q`),
+are tried under the component they belong to: UNet paths under `unet.`, text-model paths under
+`text_encoder.`, anything else under `transformer.` (the host's own names are tried first).
 """
 from __future__ import annotations
 
@@ -17,6 +22,23 @@ KOHYA_ROOTS: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
+# First words of a diffusers UNet2DConditionModel's module paths.
+UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "conv_norm_out", "time_embedding.",
+              "add_embedding.", "class_embedding.")
+
+
+def _component_names(bare: str, guess: bool) -> list[str]:
+    """The rooted names a bare diffusers module name may stand for; `guess`: also "transformer." for
+    names no component claims (right for a transformer's own save_lora_adapter file)."""
+    if bare.startswith(UNET_ROOTS):
+        return ["unet." + bare]
+    if bare.startswith("text_model."):
+        return ["text_encoder." + bare]
+    if bare.startswith("diffusion_model."):  # ComfyUI's own path: kohya writes it lora_unet_<path>
+        return ["unet." + bare[len("diffusion_model."):]]
+    return ["transformer." + bare] if guess else []
+
+
 def _kohya_names(dotted: str) -> list[str]:
     for root, kohya_prefixes in KOHYA_ROOTS:
         if dotted.startswith(root):
@@ -25,14 +47,18 @@ def _kohya_names(dotted: str) -> list[str]:
     return []
 
 
-def candidate_names(prefix: str) -> list[str]:
-    """Every name under which the host map may know this file's module, most literal first."""
+def candidate_names(prefix: str, guess: bool = True) -> list[str]:
+    """Every name under which the host map may know this file's module, most literal first.
+    guess=False leaves out the guess that a bare name of no known component is a transformer's."""
     names = [prefix]
+    roots = tuple(root for root, _ in KOHYA_ROOTS)
     if prefix.startswith(PEFT_ROOT):
         rest = prefix[len(PEFT_ROOT):]
         names.append(rest)
-        if not rest.startswith(tuple(root for root, _ in KOHYA_ROOTS)):
+        if not rest.startswith(roots):
             names += ["unet." + rest, "transformer." + rest]
+    elif not prefix.startswith(roots + ("lora_", "lycoris_")):
+        names += _component_names(prefix, guess)
     for dotted in list(names):
         names += _kohya_names(dotted)
     seen: set[str] = set()

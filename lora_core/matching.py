@@ -79,6 +79,7 @@ class MatchResult:
             "formats": self.lora.kinds(),
             "ranks": self.lora.ranks,
             "alphas": self.lora.alphas,
+            "alpha_sources": self.lora.alpha_summary(),
             "coverage": {c: {k: list(getattr(v, k)) for k in ("matched", "unmatched", "shape_mismatch", "skipped")}
                          for c, v in self.coverage.items()},
             "handed_to_comfyui": sorted(t.key for t in self.foreign),
@@ -195,6 +196,9 @@ def format_report(result: MatchResult, strengths: dict[str, float] | None = None
     lines = [f"LoRA: {result.lora.name}",
              f"  made for: {result.family}; applied to: {result.model_family}; mode: {mode}",
              f"  formats: {result.lora.kinds()}; ranks: {result.lora.ranks}; alphas: {result.lora.alphas}"]
+    sources = result.lora.alpha_summary()
+    if sources:  # which alpha each module got, and from where (.alpha tensors, lora_adapter_metadata, none)
+        lines.append("  alphas used: " + "; ".join(sources))
     if strengths:
         lines.append("  strengths: " + ", ".join(f"{k} {v:g}" for k, v in strengths.items()))
     for component, cov in result.coverage.items():

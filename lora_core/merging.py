@@ -227,7 +227,7 @@ def _align_key(kohya: str) -> str:
     return "lora_te_" + kohya[len("lora_te1_"):] if kohya.startswith("lora_te1_") else kohya
 
 
-def _collect(items: list[MergeInput], family: str) -> tuple[list[_Layer], list[str]]:
+def _collect(items: list[MergeInput], family: str, names=None) -> tuple[list[_Layer], list[str]]:
     layers: dict[str, _Layer] = {}
     te1_named: set[str] = set()
     notes = []
@@ -235,7 +235,9 @@ def _collect(items: list[MergeInput], family: str) -> tuple[list[_Layer], list[s
         src, seen = item.lora.name, {}
         for prefix, adapter in item.lora.adapters.items():
             kohya = kohya_prefix(prefix)
-            key = _align_key(kohya)
+            # Aligned by the family's standard name, so ComfyUI-path and diffusers-path kohya names of one
+            # layer meet; the merged layer keeps the name its first input gives it.
+            key = _align_key(names.get(kohya, kohya) if names else kohya)
             if key in seen:
                 raise LoRAError(f"{src}: modules '{seen[key]}' and '{prefix}' name the same layer '{kohya}'.")
             seen[key] = prefix
@@ -244,7 +246,7 @@ def _collect(items: list[MergeInput], family: str) -> tuple[list[_Layer], list[s
             shape = _weight_shape(adapter)
             layer = layers.get(key)
             if layer is None:
-                layer = layers[key] = _Layer(key, shape, [])
+                layer = layers[key] = _Layer(_align_key(kohya), shape, [])
             elif _conflict(layer.shape, shape):
                 raise LoRAShapeError(f"layer '{kohya}': {layer.sources[0]} has it as {_fmt(layer.shape)} but {src} "
                                      f"as {_fmt(shape)}; the LoRAs were made for models with different layer sizes.")
@@ -261,8 +263,8 @@ def _collect(items: list[MergeInput], family: str) -> tuple[list[_Layer], list[s
             notes.append(f"{src}: {len(item.lora.foreign)} modules of algorithms that cannot be merged (e.g. "
                          f"'{sorted(item.lora.foreign)[0]}') are left out.")
     for key, layer in layers.items():
-        if key.startswith("lora_te_") and (key in te1_named or family in TE1_FAMILIES):
-            layer.name = "lora_te1_" + key[len("lora_te_"):]
+        if layer.name.startswith("lora_te_") and (key in te1_named or family in TE1_FAMILIES):
+            layer.name = "lora_te1_" + layer.name[len("lora_te_"):]
     if not layers:
         raise LoRAError("nothing to merge: none of the LoRAs holds a layer this merge can read.")
     return [layers[k] for k in sorted(layers)], notes
@@ -488,16 +490,18 @@ def _check_options(method, target_rank, rank_mode, energy, density) -> None:
 
 def merge_loras(inputs: Sequence[MergeInput | tuple | LoRA], *, method: str = "svd", target_rank: int = 64,
                 rank_mode: str = "fixed", energy: float = 0.95, density: float = 0.5, seed: int = 0,
-                name: str = "merged", device: str | torch.device = "cpu") -> tuple[LoRA, MergeReport]:
+                name: str = "merged", device: str | torch.device = "cpu",
+                names: dict[str, str] | None = None) -> tuple[LoRA, MergeReport]:
     """Merge (LoRA, weight[, clip_weight]) inputs into one kohya LoRA; see the module doc for the methods.
 
     target_rank, rank_mode and energy apply to svd/ties/dare; density to ties (kept fraction) and
-    dare (1 - drop probability); seed to dare. The merged LoRA has metadata {}.
+    dare (1 - drop probability); seed to dare. `names`: kohya name -> the family's standard name
+    (from the host), so inputs naming one layer both ways merge into one. The merged LoRA has metadata {}.
     """
     items = _normalise(inputs)
     _check_options(method, target_rank, rank_mode, energy, density)
     family = _common_family(items)
-    layers, notes = _collect(items, family)
+    layers, notes = _collect(items, family, names)
     generator = torch.Generator().manual_seed(int(seed)) if method == "dare" else None
     opts = _Options(method, int(target_rank), rank_mode, float(energy), float(density), torch.device(device),
                     generator)

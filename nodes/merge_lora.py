@@ -5,10 +5,12 @@ import os
 
 from comfy_api.latest import io
 
-from ..lora_core import LoRAError, file_sha256, merge_loras
-from ..lora_core.export import build_metadata, save_lora
+from ..lora_core import LoRA, LoRAError, file_sha256, merge_loras
+from ..lora_core.export import build_metadata, file_alpha, kohya_prefix, lora_state_dict, save_lora
 from ..lora_core.families import UNKNOWN, guess_family
 from ..lora_core.merging import MergeInput
+from ..lora_core.safetensors_io import data_sha256, tensors_data_sha256
+from .file_names import standard_names
 from .input_checks import check_inputs, strengths_problem
 from .lora_files import load_named_lora, output_path
 from .lora_rows import all_row_inputs, collect_rows, rows_fingerprint
@@ -77,26 +79,64 @@ class MergeLoRA(io.ComfyNode):
                 raise LoRAError(f"Merge LoRA: {label}: {problem}.")
             lora = load_named_lora(source) if isinstance(source, str) else source
             inputs.append(MergeInput(lora, s_model, s_clip))
-            sha = lora.sha256 or (file_sha256(lora.source_path) if lora.source_path else None)
-            parents.append({"name": lora.name, "sha256": sha, "weight": s_model, "clip_weight": s_clip})
         if not inputs:
             raise LoRAError("Merge LoRA: no LoRAs to merge; pick files in the rows, connect LoRAs, or a LORA_STACK.")
+        # Only a family the parents agree on, or the keys name alone, is written; else "unknown".
+        families = {guess_family(list(i.lora.adapters), i.lora.metadata, strict=True) for i in inputs} - {UNKNOWN}
+        family = families.pop() if len(families) == 1 else guess_family(
+            [p for i in inputs for p in i.lora.adapters], {}, strict=True)
+        # The family's standard module names (SD1.x/SDXL: kohya sd-scripts' diffusers paths): parents naming a
+        # layer either way merge into one, and the file is written that way.
+        names, naming_note = _standard_names_for(family, inputs)
         merged, report = merge_loras(inputs, method=method, target_rank=target_rank, rank_mode=rank_mode,
-                                     energy=energy, density=density, seed=seed, name=name or "merged")
-        text = "\n".join(problems + [report.to_text()])
+                                     energy=energy, density=density, seed=seed, name=name or "merged", names=names)
+        text = "\n".join(problems + [report.to_text()] + ([f"note: {naming_note}"] if naming_note else []))
         file_name = ""
         if path:
-            # Only a family the parents agree on, or the keys name alone, is written; else "unknown".
-            family = guess_family(list(merged.adapters), {}, strict=True)
-            families = {guess_family(list(i.lora.adapters), i.lora.metadata, strict=True) for i in inputs} - {UNKNOWN}
-            family = families.pop() if len(families) == 1 else family
+            parents = [_parent(i, names) for i in inputs]
             provenance = {"parents": parents, "method": method, "settings": {
                 "target_rank": target_rank, "rank_mode": rank_mode, "energy": energy, "density": density,
                 "seed": seed}, "report": report.to_dict()}
-            meta = build_metadata(title=name, base_family=family, rank=report.max_rank, alpha=report.max_rank,
+            meta = build_metadata(title=name, base_family=family, rank=report.max_rank, alpha=file_alpha(merged),
                                   scope=scope, provenance=provenance)
-            save_lora(path, merged, meta)
+            save_lora(path, merged, meta, names)
             merged.metadata = meta
             file_name = os.path.relpath(path, os.path.dirname(output_path("x")))
             text += f"\nsaved: {file_name}"
         return io.NodeOutput(merged, file_name, text, ui={"lw_report": [text], "lw_merge": [report.summary()]})
+
+
+LDM_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+
+
+def _standard_names_for(family: str, inputs: list[MergeInput]) -> tuple[dict[str, str], str]:
+    """The family's standard names from its standard UNet layout (a merge has no model to read one from),
+    used only when every module a parent names by ComfyUI's UNet paths exists in that layout: a UNet of
+    another layout (fewer blocks) would be renamed wrongly, so its parents keep their names."""
+    names = standard_names(family)
+    if not names:
+        return {}, ""
+    outside = sorted({kohya for i in inputs for kohya in map(kohya_prefix, i.lora.adapters)
+                      if kohya.startswith(LDM_UNET) and kohya not in names})
+    if outside:
+        return {}, (f"layers are named as the parents name them: '{outside[0]}' ({len(outside)} in all) is not in "
+                    f"the standard {family} UNet, so ComfyUI's layer names cannot be turned into kohya's here.")
+    return names, ""
+
+
+def _parent(item: MergeInput, names: dict[str, str]) -> dict:
+    """A parent in the provenance: its name and weights, the sha256 of its file and of its tensor data (the
+    bytes after the safetensors header, as model sites identify files: renaming or re-tagging keeps it).
+    A parent that is no file (a LORA made in memory) has the data hash of the file it would be saved as."""
+    lora: LoRA = item.lora
+    sha, data = lora.sha256, None
+    if lora.source_path:
+        sha = sha or file_sha256(lora.source_path)
+        data = data_sha256(lora.source_path)
+    else:
+        try:
+            data = tensors_data_sha256(lora_state_dict(lora, names=names))
+        except LoRAError:  # LoHa/LoKr made in memory: no kohya file form; no file hash either
+            data = None
+    return {"name": lora.name, "sha256": sha, "data_sha256": data, "weight": item.weight,
+            "clip_weight": item.clip_weight}

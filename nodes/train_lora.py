@@ -12,9 +12,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..lora_core import LoRAError, plan_layers
-from ..lora_core.export import build_metadata, save_lora
+from ..lora_core import LoRA, LoRAError, plan_layers
+from ..lora_core.export import build_metadata, kohya_prefix, save_lora
+from ..lora_core.formats import file_sha256
 from ..lora_core.plots import render_loss_curve
+from ..lora_core.safetensors_io import data_sha256
 from ..lora_core.training import (
     ATTENTION,
     PRESETS,
@@ -30,6 +32,7 @@ from ..lora_core.training import (
 from ..lora_core.training.state_io import STATE_SUFFIX, load_optimizer_state, save_optimizer_state
 from ..lora_core.version import __version__ as PACK_VERSION
 from .comfy_bridge import MERGE, apply_layers, match_on_host, model_family
+from .file_names import host_names, standard_names
 from .input_checks import check_inputs
 from .lora_files import load_named_lora, lora_names, lora_path, output_path
 from .lw_types import LW_LORA
@@ -178,9 +181,15 @@ class TrainingRun:
         self.settings = _settings(a)
         self.settings.validate()
         self.start_step, self.optimizer_state = 0, None
-        self.resume = load_named_lora(a["resume_from"]) if a["resume_from"] != NONE else None
-        if self.resume is not None:
-            state_path = lora_path(a["resume_from"]) + STATE_SUFFIX
+        # Files name modules as the family's trainers do (SD1.x/SDXL: diffusers paths, kohya sd-scripts).
+        self.file_names = standard_names(self.family, self.model)
+        self.resume, resumed_from = None, None
+        if a["resume_from"] != NONE:
+            resume_file = lora_path(a["resume_from"])
+            self.resume = _with_host_names(load_named_lora(a["resume_from"]), self.file_names)
+            resumed_from = {"name": a["resume_from"], "sha256": file_sha256(resume_file),
+                            "data_sha256": data_sha256(resume_file)}
+            state_path = resume_file + STATE_SUFFIX
             if os.path.exists(state_path):
                 self.optimizer_state, self.start_step = load_optimizer_state(state_path)
         self.images: list[torch.Tensor] = []
@@ -191,9 +200,12 @@ class TrainingRun:
         self.last_good: str | None = None
         self.steps_done = self.start_step
         self.seconds = self.began = 0.0
+        # No clock value: the same inputs give the same file, byte for byte.
         self.provenance = {"base_model_sha256": weights_sha256(self.model),
                            "settings": {k: v for k, v in a.items() if k not in ("model", "clip", "vae", "images")},
-                           "pack_version": PACK_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                           "pack_version": PACK_VERSION}
+        if resumed_from:  # the parent, by its tensor data (renaming or re-tagging it keeps this) and its file
+            self.provenance["resumed_from"] = resumed_from
         self._metadata(0, partial=False)  # metadata that cannot be built fails here, not after training
 
     # ------------------------------------------------------------ data
@@ -279,10 +291,10 @@ class TrainingRun:
         try:
             meta = self._metadata(step, partial)
         except Exception as e:  # the weights are what took the time: save them with what is known
-            save_lora(path, lora, {"lw.steps": str(step), "lw.partial": str(partial).lower()})
+            save_lora(path, lora, {"lw.steps": str(step), "lw.partial": str(partial).lower()}, self.file_names)
             raise LoRAError(f"Train LoRA: the LoRA's weights were saved to {path}, but its metadata could not be "
                             f"written ({e}).") from e
-        save_lora(path, lora, meta)
+        save_lora(path, lora, meta, self.file_names)
         if optimizer is not None:
             save_optimizer_state(path + STATE_SUFFIX, optimizer, step)
         self.last_good = os.path.basename(path)
@@ -305,6 +317,8 @@ class TrainingRun:
         file_name = os.path.relpath(self.final_path, os.path.dirname(output_path("x")))
         lora = layers_to_lora(self.layers, file_name)
         lora.metadata = {"lw.scope": a["scope"], "modelspec.trigger_phrase": a["trigger_word"]}
+        if os.path.isfile(self.final_path):  # the file holds these weights: a merge names this parent by it
+            lora.source_path = self.final_path
         match = match_on_host(lora, model, None)
         new_model, _, _ = apply_layers(model, None, plan_layers([(match, 1.0, 0.0)]), [], MERGE)
         loss_image = render_loss_curve(self.losses or [float("nan")], title=f"loss: {file_name}")
@@ -313,6 +327,19 @@ class TrainingRun:
                    "final_loss": self.losses[-1] if self.losses else None}
         return io.NodeOutput(new_model, a["clip"], lora, loss_image, sample_image, file_name,
                              ui={"lw_train": [json.dumps(summary)], "lw_loss": self.losses})
+
+
+def _with_host_names(lora: LoRA, file_names: dict[str, str]) -> LoRA:
+    """A saved LoRA under the names training layers use (the ComfyUI paths), for resuming a file written
+    in the family's standard naming; files already named by ComfyUI paths come back as they are."""
+    if not file_names:
+        return lora
+    to_host = host_names(file_names)
+    adapters = {}
+    for prefix, adapter in lora.adapters.items():
+        kohya = kohya_prefix(prefix)
+        adapters[to_host.get(kohya, kohya)] = adapter
+    return LoRA(name=lora.name, adapters=adapters, metadata=lora.metadata, source_path=lora.source_path)
 
 
 def check_writable_folder(folder: str) -> None:

@@ -17,7 +17,8 @@ What `install` does (each step is skipped when its stamp says nothing changed):
   * ComfyUI v0.8.0 -> <cache>/ComfyUI-v0.8.0, from --source / $LW_COMFYUI_SOURCE (a git URL
     or a local git dir, bare or not; default: the public GitHub repo). Tag v0.8.0 is used,
     or the pinned commit when the source lacks the tag.
-  * a Python 3.11 venv at <cache>/venv-py311 with pinned torch and ComfyUI's requirements.
+  * a Python 3.11 venv at <cache>/venv-py311 with pinned torch, ComfyUI's requirements and the
+    test-only libraries (pytest, playwright; diffusers, peft, lycoris-lora for the interop tests).
   * custom_nodes/lora_workbench -> this checkout, custom_nodes/lw_test_fixture -> the test
     fixture pack (tests/host_fixture/lw_test_fixture) that registers the tiny models.
   * tiny random-weight models (tests/host_fixture/tiny_models.py) in ComfyUI's models folders.
@@ -58,8 +59,10 @@ PYTHON_VERSION = (3, 11)
 TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
 SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}
 EXTRA_REQUIREMENTS = ("requests", "pytest", "playwright")  # playwright drives Debian's chromium; it never downloads one
-# Test-only: prodigyopt is the Prodigy optimizer Train LoRA offers when it is installed (tests/core/test_optimizers.py).
-TEST_REQUIREMENTS = ("prodigyopt==1.1.2",)
+# Test-only: the libraries the interop tests (tests/host/test_interop.py) read and write LoRA files with.
+# Nothing of the pack imports them; they never download weights (the tests build tiny models from configs).
+# prodigyopt: the Prodigy optimizer Train LoRA offers when it is installed (tests/core/test_optimizers.py).
+TEST_REQUIREMENTS = ("diffusers==0.42.1", "peft==0.21.2", "lycoris-lora==4.1.3", "prodigyopt==1.1.2")
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 FIXTURE_PACK = CHECKOUT / "tests" / "host_fixture" / "lw_test_fixture"
