@@ -4,11 +4,13 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 
+from . import caches
 from .formats import LoRA, parse_lora
 from .safetensors_io import read_lora_file
 
 _CACHE: "OrderedDict[tuple, LoRA]" = OrderedDict()
 CACHE_SIZE = 8  # a typical stack; parsed LoRAs are small next to the model
+caches.register("lora_files", _CACHE.clear)
 
 
 # PEFT's save_pretrained writes the LoraConfig (lora_alpha, alpha_pattern, ...) beside the weights.
