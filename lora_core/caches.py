@@ -9,6 +9,7 @@ and why it exists; `clear()` empties them (the benchmark's cold runs, tests of r
 | host_key_maps (nodes.comfy_bridge)     | live model module                    | while the module lives (weak) | ComfyUI's key maps walk the whole state dict |
 | matches (nodes.comfy_bridge)           | live module, LoRA, CLIP              | while all of them live (weak) | a re-run matches nothing again |
 | weight_norms (nodes.comfy_bridge)      | live module, target                  | while the module lives (weak) | layer caps need ||W||, which never changes |
+| weight_spectra (nodes.comfy_bridge)    | live module, target                  | while the module lives (weak) | the spectral cap needs sigma_1(W): an SVD each |
 | modules (nodes.comfy_bridge)           | live module, path                    | while the module lives (weak) | 128 path walks per node add up |
 | weights_sha256 (nodes.train_bridge)    | live module                          | while the module lives (weak) | hashing a base model reads every weight |
 

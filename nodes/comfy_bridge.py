@@ -170,6 +170,7 @@ def base_weight_norms(model, clip):
 # sigma_1 of base weights per live model (lower bounds and exact values), for the spectral cap; like
 # the norms, never stale: ComfyUI restores every base weight from its backup.
 _SPECTRA_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+caches.register("weight_spectra", _SPECTRA_CACHE.clear)
 
 
 def base_weight_spectra(model, clip) -> WeightSpectra:
