@@ -168,6 +168,8 @@ BAD = {
     "stack: layer_cap NaN, cap off": (lambda: stack_prompt(layer_cap=NAN, use_layer_cap=False), "failed",
                                       ["'layer_cap'", "nan"]),
     "stack: layer_cap inf": (lambda: stack_prompt(layer_cap=INF), "rejected", ["layer_cap", "inf"]),
+    "stack: spectral_cap NaN, cap off": (lambda: stack_prompt(spectral_cap=NAN, use_spectral_cap=False), "failed",
+                                         ["'spectral_cap'", "nan"]),
     "merge: density NaN": (lambda: merge_prompt(density=NAN), "failed",
                            ["LW_MergeLoRA", "Merge LoRA (Workbench)", "'density'", "nan"]),
     "merge: energy NaN": (lambda: merge_prompt(energy=NAN), "failed", ["'energy'", "nan"]),

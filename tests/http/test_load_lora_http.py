@@ -40,9 +40,9 @@ def test_object_info_lists_load_lora_with_tooltips(comfy_http, loras_dir):
     (loras_dir / "listed.safetensors").write_bytes(b"")  # listed by name; never loaded here
     info = comfy_http.get_json("/object_info/LW_LoadLoRA")["LW_LoadLoRA"]
     assert info["display_name"] == "Load LoRA (Workbench)" and info["category"] == "LoRA Workbench/load"
-    assert info["output"] == ["MODEL", "CLIP", "LW_LORA", "STRING"]
+    assert info["output"] == ["MODEL", "CLIP", "LW_LORA", "STRING", "STRING"]  # report, trigger words
     inputs = {**info["input"]["required"], **info["input"].get("optional", {})}
-    assert set(inputs) == {"model", "clip", "lora_name", "strength_model", "strength_clip", "mode"}
+    assert set(inputs) == {"model", "clip", "lora_name", "strength_model", "strength_clip", "mode", "block_weights"}
     assert all(spec[1].get("tooltip") for spec in inputs.values())
     assert "listed.safetensors" in inputs["lora_name"][0] or "listed.safetensors" in inputs["lora_name"][1].get(
         "options", [])
