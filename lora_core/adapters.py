@@ -121,10 +121,11 @@ class LowRankAdapter(Adapter):
         down = self.roles["down"]
         return self.roles["up"], (down if down.dim() == 2 else down.flatten(start_dim=1)), self.scale
 
-    @cached_property
+    @property
     def matrices32(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(up [rows, r], down [r, cols]) as contiguous fp32 matrices, converted once per loaded file:
-        every patch, re-patch and Gram product reads these instead of casting the file's dtype again."""
+        """(up [rows, r], down [r, cols]) as fp32 matrices (the file's own tensors when they are fp32).
+        Not kept: keeping fp32 copies (here and as fused factors per patch) raised the peak memory of
+        applying three rank-32 SD1.5 LoRAs from 359 to 540 MiB (core: 398) to save ~6% of the patch."""
         low_rank = self.low_rank()
         if low_rank is None:
             return None
