@@ -23,9 +23,10 @@ from . import caches
 from . import spectral as spectral_cap_math
 from .adapters import Adapter
 from .block_weights import strength_at
-from .clamping import CappedLayer
+from .clamping import CappedLayer, cap_layers
 from .frobenius import gram as layer_gram
-from .interference import Decorrelated, LayerOverlap, _cosine
+from .interference import Decorrelated, LayerOverlap, _cosine, by_lora, pair_cosines, plan_named
+from .interference import decorrelate as decorrelate_layers
 from .matching import MatchResult, Target
 from .weight_patch import Term
 
@@ -245,3 +246,28 @@ def _spectral(shape: StackShape, active, layers, cap: float, spectra) -> list[Ca
         layers[layer.target] = [Term(t.adapter, float(t.strength) * factor) for t in terms]
         capped.append(CappedLayer(layer.target, before, cap, factor))
     return capped
+
+
+def analyse_stack(applied: Sequence[tuple], weights, weight_norms: Callable[[Target], float],
+                  decorrelate: bool = False, layer_cap: float | None = None, spectral_cap: float | None = None,
+                  spectra: "spectral_cap_math.WeightSpectra | None" = None) -> StackAnalysis:
+    """The one entry point of stack analysis: plan, overlaps, then decorrelate and the caps as asked.
+
+    `applied`: (name, match, strength_model, strength_clip[, model strength per block]) per LoRA;
+    `weights(target)`: a layer's base weight (the general path reads it; the fast path does not).
+    Stacks of plain low-rank LoRAs take the memoised Gram path; others (DoRA, LoHa/LoKr, Tucker LoCon)
+    the general functions, which give the same results (tests/core/test_stacking.py)."""
+    shape = stack_shape([(name, match) for name, match, *_ in applied])
+    if shape is not None:
+        return analyse(shape, [tuple(strengths) for _, _, *strengths in applied], decorrelate, layer_cap,
+                       weight_norms, spectral_cap, spectra)
+    layers, names = plan_named(applied)
+    result = StackAnalysis(layers, names, pair_cosines(by_lora(layers, names)), [], [])
+    if decorrelate and layers:
+        result.layers, result.decorrelated = decorrelate_layers(result.layers, names, result.overlaps)
+    if layer_cap is not None and result.layers:
+        result.layers, result.capped = cap_layers(result.layers, weights, layer_cap, weight_norms)
+    if spectral_cap is not None and result.layers:
+        result.layers, result.spectral = spectral_cap_math.spectral_cap_layers(result.layers, weights,
+                                                                               spectral_cap, spectra)
+    return result

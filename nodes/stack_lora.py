@@ -14,14 +14,13 @@ from ..lora_core.clamping import (
     DEFAULT_WEIGHT_MIN,
     ClampSettings,
     StackEntry,
-    cap_layers,
     clamp_strengths,
 )
 from ..lora_core.heatmap import render_heatmap
-from ..lora_core.interference import block_table, by_lora, decorrelate, pair_cosines, plan_named, top_overlaps
+from ..lora_core.interference import block_table, top_overlaps
 from ..lora_core.metadata import join_trigger_words
-from ..lora_core.spectral import DEFAULT_SPECTRAL_CAP, spectral_cap_layers
-from ..lora_core.stack_analysis import analyse, stack_shape
+from ..lora_core.spectral import DEFAULT_SPECTRAL_CAP
+from ..lora_core.stack_analysis import analyse_stack
 from .comfy_bridge import (
     MERGE,
     MODES,
@@ -143,29 +142,11 @@ class StackLoRA(io.ComfyNode):
 
 
 def _analyse(applied, model, clip, decorrelate: bool, layer_cap: float | None, spectral_cap: float | None):
-    """Plan the stack, measure its overlaps, then decorrelate, cap layers and cap their top singular values
-    as asked. Stacks of plain LoRAs take the memoised fast path (lora_core.stack_analysis); others the
-    general functions. `applied`: (name, match, model, clip[, model per block]) per LoRA."""
-    norms = base_weight_norms(model, clip)
+    """lora_core.stack_analysis.analyse_stack on the host's weights (norms and spectra memoised per model)."""
     spectra = base_weight_spectra(model, clip) if spectral_cap is not None else None
-    shape = stack_shape([(name, match) for name, match, *_ in applied])
-    if shape is not None:
-        fast = analyse(shape, [tuple(strengths) for _, _, *strengths in applied], decorrelate, layer_cap, norms,
-                       spectral_cap, spectra)
-        return fast.layers, fast.overlaps, fast.decorrelated, fast.capped, fast.spectral
-    layers, names = plan_named(applied)
-    overlaps = pair_cosines(by_lora(layers, names))
-    decorrelated, capped, spectral = [], [], []
-    if decorrelate and layers:
-        layers, decorrelated = decorrelate_layers(layers, names, overlaps)
-    if layer_cap is not None and layers:
-        layers, capped = cap_layers(layers, lambda t: base_weight(model, clip, t), layer_cap, norms)
-    if spectral_cap is not None and layers:
-        layers, spectral = spectral_cap_layers(layers, lambda t: base_weight(model, clip, t), spectral_cap, spectra)
-    return layers, overlaps, decorrelated, capped, spectral
-
-
-decorrelate_layers = decorrelate  # the node's boolean input shadows the function's name in _analyse
+    result = analyse_stack(applied, lambda t: base_weight(model, clip, t), base_weight_norms(model, clip),
+                           decorrelate, layer_cap, spectral_cap, spectra)
+    return result.layers, result.overlaps, result.decorrelated, result.capped, result.spectral
 
 
 def _bad_rows(node_cls, rows: dict) -> dict[str, str]:
