@@ -23,6 +23,6 @@ from .paths import safe_join
 from .plan import plan_layers
 from .safetensors_io import read_lora_file, write_lora_file
 from .version import __version__
-from .weight_patch import Fused, Term, apply_terms, dense_delta, fuse
+from .weight_patch import Term, apply_terms, dense_delta
 
 __all__ = [name for name in dir() if not name.startswith("_")]

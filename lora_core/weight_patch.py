@@ -31,7 +31,7 @@ class Fused(NamedTuple):
 def fuse(terms: list[Term], device) -> list:
     """A layer's terms as the steps apply_terms takes, in order: Fused products of consecutive plain
     low-rank terms (fp32, concatenated, strengths folded in, on `device`) and the other terms as they
-    are (DoRA, LoHa, LoKr need the weight). Built once per stack and layer, reused by every re-patch."""
+    are (DoRA, LoHa, LoKr need the weight)."""
     steps: list = []
     run: list[tuple[tuple[torch.Tensor, torch.Tensor], float]] = []
 
@@ -84,12 +84,10 @@ def dora_decompose(weight: torch.Tensor, dora_scale: torch.Tensor, delta: torch.
     return weight
 
 
-def apply_terms(weight: torch.Tensor, terms: list[Term], strength: float = 1.0, steps: list | None = None,
-                ) -> torch.Tensor:
-    """Add every term's delta to `weight` IN PLACE (it may be a narrowed view) and return it.
-    `steps`: fuse(terms, weight.device), when the caller keeps them between patches."""
+def apply_terms(weight: torch.Tensor, terms: list[Term], strength: float = 1.0) -> torch.Tensor:
+    """Add every term's delta to `weight` IN PLACE (it may be a narrowed view) and return it."""
     work = weight if weight.dtype == torch.float32 else weight.float()
-    for step in steps if steps is not None else fuse(terms, work.device):
+    for step in fuse(terms, work.device):
         if isinstance(step, Fused):
             work.view(work.shape[0], -1).addmm_(step.up, step.down, alpha=step.scale * float(strength))
             continue

@@ -56,8 +56,9 @@ class WorkbenchWeightPatch(WeightAdapterBase):
 def model_family(model=None, clip=None) -> str:
     """The registry family of the connected MODEL (from its ComfyUI config class), else of the CLIP."""
     if model is not None:
-        found = families.family_of_host_config(comfy_compat.config_class_names(model))
-        return found if found != families.UNKNOWN else f"{families.UNKNOWN} ({comfy_compat.config_class_names(model)[0]})"
+        classes = comfy_compat.config_class_names(model)
+        found = families.family_of_host_config(classes)
+        return found if found != families.UNKNOWN else f"{families.UNKNOWN} ({classes[0]})"
     if clip is not None:
         names = {k.split(".", 1)[0] for k in clip.cond_stage_model.state_dict()}
         if "clip_g" in names:

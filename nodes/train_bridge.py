@@ -198,13 +198,15 @@ def _is_unet(diffusion_model) -> bool:
 
 
 def attach_trainable(model, preset: str, rank: int, alpha: float, seed: int, init: str,
-                     checkpointing: bool, family_name: str | None = None) -> tuple[object, dict[str, LoRATrainLayer]]:
-    """A clone whose target linears carry trainable LoRA layers (object patches, removed on unpatch)."""
-    family_name = family_name or model_family(model)
+                     checkpointing: bool, family_name: str | None = None, keys: list[str] | None = None,
+                     ) -> tuple[object, dict[str, LoRATrainLayer]]:
+    """A clone whose target linears carry trainable LoRA layers (object patches, removed on unpatch).
+    `keys`: the targets when the caller has already chosen them (training_targets)."""
     trainer = model.clone()
     comfy_compat.copy_weights_before_patching(trainer)
     shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items() if k.startswith("diffusion_model.")}
-    keys = training_targets(model, preset, family_name)
+    if keys is None:
+        keys = training_targets(model, preset, family_name or model_family(model))
     g = torch.Generator().manual_seed(seed)
     layers = {}
     diffusion_model = trainer.model.diffusion_model
@@ -235,10 +237,13 @@ def attach_trainable(model, preset: str, rank: int, alpha: float, seed: int, ini
 
 def _protect_norm_inputs(trainer, diffusion_model) -> None:
     """DiT blocks normalise the residual stream, then update it in place: each norm module of the model
-    gets a private copy of its input while gradients are recorded (CloneInputForward)."""
+    gets a private copy of its input while gradients are recorded (CloneInputForward). Norms inside a
+    norm (Flux's QKNorm holds two RMSNorms) are left to the outer one (named_modules lists parents first)."""
+    protected: list[str] = []
     for name, module in diffusion_model.named_modules():
-        if name and "norm" in type(module).__name__.lower():
+        if name and "norm" in type(module).__name__.lower() and not name.startswith(tuple(protected)):
             trainer.add_object_patch(f"diffusion_model.{name}.forward", CloneInputForward(module))
+            protected.append(name + ".")
 
 
 def training_targets(model, preset: str, family_name: str) -> list[str]:

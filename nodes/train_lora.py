@@ -221,7 +221,7 @@ class TrainingRun:
     def train(self, samples: list) -> None:
         a, settings = self.a, self.settings
         trainer, self.layers = attach_trainable(self.model, a["targets"], a["rank"], self.alpha, a["seed"], "kaiming",
-                                                a["gradient_checkpointing"], self.family)
+                                                a["gradient_checkpointing"], self.family, self.targets)
         if self.resume is not None:
             load_layers(self.layers, self.resume)
         params = [p for layer in self.layers.values() for p in layer.parameters()]
