@@ -217,6 +217,23 @@ class ComfyUI:
         }""", [node_id, list(others)])
         self.settle()
 
+    def open_node_search(self):
+        """Double-click empty canvas, as a user opens ComfyUI's node search; the search input.
+
+        On a loaded 2-core machine the frontend can miss a double click that lands while it is
+        still busy (the dialog never opens), so the gesture is repeated, as a user would."""
+        box = self.page.locator(".comfy-vue-node-search-box input:visible")
+        for attempt in range(3):
+            self.settle()
+            self.page.mouse.dblclick(500, 400)
+            try:
+                box.wait_for(timeout=5_000)
+                return box
+            except Exception:
+                if attempt == 2:
+                    raise
+                self.page.keyboard.press("Escape")
+
     def settle(self, ms: int = 150) -> None:
         """Let the canvas draw and the DOM widgets follow it."""
         self.js("() => { app.canvas.setDirty(true, true); "

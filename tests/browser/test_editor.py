@@ -20,9 +20,7 @@ def _node_types(ui) -> list[str]:
 
 def test_node_search_finds_and_adds_our_four_nodes(ui):
     for n, (node_type, display) in enumerate(OUR_NODES.items()):
-        ui.page.mouse.dblclick(500, 400)  # empty canvas: ComfyUI opens its node search dialog
-        box = ui.page.locator(".comfy-vue-node-search-box input:visible")
-        box.wait_for(timeout=10_000)
+        box = ui.open_node_search()  # a double click on empty canvas
         box.fill(display)
         option = ui.page.locator(".p-autocomplete-option").filter(has_text=display).filter(
             has_text="LoRA Workbench").first
@@ -44,9 +42,7 @@ def test_node_search_finds_and_adds_our_four_nodes(ui):
 
 def test_node_search_tells_ours_apart_from_cores_load_and_train_lora(ui):
     for word in ("Load LoRA", "Train LoRA"):
-        ui.page.mouse.dblclick(500, 400)
-        box = ui.page.locator(".comfy-vue-node-search-box input:visible")
-        box.wait_for(timeout=10_000)
+        box = ui.open_node_search()
         box.fill(word)
         ui.page.locator(f".p-autocomplete-option[aria-label='{word} (Workbench)']").wait_for(timeout=10_000)
         listed = ui.js("() => [...document.querySelectorAll('.p-autocomplete-option')].map(o => o.innerText)")
