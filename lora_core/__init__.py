@@ -1,10 +1,18 @@
 """lora_core: LoRA formats, key mapping, patching, stacking, training and merging in plain torch.
 
 Nothing here imports ComfyUI; the node layer bridges it to ComfyUI's model management.
+Sub-packages, each importing only the ones above it in this list:
+
+    formats/   files, adapters, key layouts and names, families, metadata
+    patching/  matching a LoRA to a model, strengths per layer, weight patch and bypass
+    stacking/  norms from the factors, clamps and caps, overlaps, the stack analysis
+    merging/   several LoRAs into one
+    training/  new LoRAs
+
+and beside them the shared modules: values (Target, Term, LayerPatch), errors, caches,
+safetensors_io, export (kohya files), paths, plots, version.
 """
-from . import caches
-from .adapters import ADAPTER_CLASSES, Adapter, LoHaAdapter, LoKrAdapter, LowRankAdapter, claim_adapter
-from .bypass import BypassForward, supports_bypass
+from . import caches, errors, formats, merging, patching, values
 from .errors import (
     LoRAError,
     LoRAFileError,
@@ -14,15 +22,53 @@ from .errors import (
     WrongBaseModelError,
 )
 from .export import build_metadata, kohya_prefix, lora_state_dict, save_lora
-from .files import load_lora
-from .formats import LoRA, file_sha256, parse_lora
-from .matching import CLIP, MODEL, LayerPatch, MatchResult, Target, format_report, match_lora
+from .formats import (
+    ADAPTER_CLASSES,
+    Adapter,
+    LoHaAdapter,
+    LoKrAdapter,
+    LoRA,
+    LoRAInfo,
+    LowRankAdapter,
+    claim_adapter,
+    file_sha256,
+    load_lora,
+    parse_lora,
+    read_info,
+)
 from .merging import LayerReport, MergeInput, MergeReport, merge_loras
-from .metadata import LoRAInfo, read_info
+from .patching import (
+    BypassForward,
+    MatchResult,
+    apply_terms,
+    dense_delta,
+    format_report,
+    match_lora,
+    plan_layers,
+    supports_bypass,
+)
 from .paths import safe_join
-from .plan import plan_layers
 from .safetensors_io import read_lora_file, write_lora_file
+from .values import CLIP, MODEL, LayerPatch, Target, Term
 from .version import __version__
-from .weight_patch import Term, apply_terms, dense_delta
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    # sub-packages and shared modules
+    "caches", "errors", "formats", "merging", "patching", "values",
+    # errors a user can act on
+    "LoRAError", "LoRAFileError", "LoRAFileNotFoundError", "LoRAShapeError", "UnsafePathError",
+    "WrongBaseModelError",
+    # files
+    "ADAPTER_CLASSES", "Adapter", "LoHaAdapter", "LoKrAdapter", "LowRankAdapter", "claim_adapter",
+    "LoRA", "LoRAInfo", "file_sha256", "load_lora", "parse_lora", "read_info",
+    "read_lora_file", "write_lora_file", "safe_join",
+    "build_metadata", "kohya_prefix", "lora_state_dict", "save_lora",
+    # values
+    "CLIP", "MODEL", "LayerPatch", "Target", "Term",
+    # patching
+    "BypassForward", "MatchResult", "apply_terms", "dense_delta", "format_report", "match_lora", "plan_layers",
+    "supports_bypass",
+    # merging
+    "LayerReport", "MergeInput", "MergeReport", "merge_loras",
+    "__version__",
+]

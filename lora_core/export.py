@@ -25,11 +25,11 @@ from collections.abc import Mapping
 
 import torch
 
-from . import families
-from .adapters import LowRankAdapter
 from .errors import LoRAError
-from .formats import LoRA
-from .keymap import candidate_names
+from .formats import families
+from .formats.adapters import LowRankAdapter
+from .formats.keymap import candidate_names
+from .formats.layouts import LoRA
 from .safetensors_io import PICKLE_SUFFIXES, write_lora_file
 from .version import __version__ as PACK_VERSION
 

@@ -15,8 +15,6 @@ import comfy.utils
 import torch
 from comfy.weight_adapter import WeightAdapterBase
 
-from . import comfy_compat
-from ..lora_core import caches
 from ..lora_core import (
     CLIP,
     MODEL,
@@ -26,11 +24,13 @@ from ..lora_core import (
     Target,
     Term,
     apply_terms,
-    families,
+    caches,
     match_lora,
     supports_bypass,
 )
-from ..lora_core.spectral import WeightSpectra
+from ..lora_core.formats import families
+from ..lora_core.stacking.spectral import WeightSpectra
+from . import comfy_compat
 
 MERGE, BYPASS = "merge", "bypass"
 MODES = [MERGE, BYPASS]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import comfy.utils
 
-from ..lora_core import families
+from ..lora_core.formats import families
 
 
 def _kohya(path: str) -> str:

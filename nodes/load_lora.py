@@ -4,8 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..lora_core import format_report, plan_layers
-from ..lora_core.block_weights import BASE, model_block_strengths, resolve_block_weights, strength_at
-from ..lora_core.metadata import join_trigger_words
+from ..lora_core.formats.metadata import join_trigger_words
+from ..lora_core.patching.block_weights import BASE, model_block_strengths, resolve_block_weights, strength_at
 from .comfy_bridge import MERGE, MODES, apply_layers, match_on_host
 from .input_checks import check_inputs
 from .lora_files import file_fingerprint, load_named_lora, lora_names

@@ -19,9 +19,9 @@ import logging
 import os
 
 from ..lora_core.errors import LoRAError, LoRAFileError, LoRAFileNotFoundError, UnsafePathError
-from ..lora_core.families import guess_family
 from ..lora_core.formats import split_key
-from ..lora_core.metadata import read_info
+from ..lora_core.formats.families import guess_family
+from ..lora_core.formats.metadata import read_info
 from ..lora_core.safetensors_io import read_header
 
 PREFIX = "/lora_workbench"

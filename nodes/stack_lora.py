@@ -6,8 +6,9 @@ import logging
 from comfy_api.latest import io
 
 from ..lora_core import LoRAError
-from ..lora_core.block_weights import resolve_block_weights, strength_at
-from ..lora_core.clamping import (
+from ..lora_core.formats.metadata import join_trigger_words
+from ..lora_core.patching.block_weights import resolve_block_weights, strength_at
+from ..lora_core.stacking.clamping import (
     DEFAULT_BUDGET,
     DEFAULT_LAYER_CAP,
     DEFAULT_WEIGHT_MAX,
@@ -16,11 +17,10 @@ from ..lora_core.clamping import (
     StackEntry,
     clamp_strengths,
 )
-from ..lora_core.heatmap import render_heatmap
-from ..lora_core.interference import block_table, top_overlaps
-from ..lora_core.metadata import join_trigger_words
-from ..lora_core.spectral import DEFAULT_SPECTRAL_CAP
-from ..lora_core.stack_analysis import analyse_stack
+from ..lora_core.stacking.heatmap import render_heatmap
+from ..lora_core.stacking.interference import block_table, top_overlaps
+from ..lora_core.stacking.spectral import DEFAULT_SPECTRAL_CAP
+from ..lora_core.stacking.stack_analysis import analyse_stack
 from .comfy_bridge import (
     MERGE,
     MODES,
@@ -142,7 +142,7 @@ class StackLoRA(io.ComfyNode):
 
 
 def _analyse(applied, model, clip, decorrelate: bool, layer_cap: float | None, spectral_cap: float | None):
-    """lora_core.stack_analysis.analyse_stack on the host's weights (norms and spectra memoised per model)."""
+    """lora_core.stacking.stack_analysis.analyse_stack on the host's weights (norms and spectra memoised per model)."""
     spectra = base_weight_spectra(model, clip) if spectral_cap is not None else None
     result = analyse_stack(applied, lambda t: base_weight(model, clip, t), base_weight_norms(model, clip),
                            decorrelate, layer_cap, spectral_cap, spectra)

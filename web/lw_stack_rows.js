@@ -20,7 +20,7 @@ const FIELDS = ["lora", "on", "strength_model", "strength_clip", "blocks"]; // b
 const SLIDER_RANGE = 2; // sliders span -2..2; the number box takes the node's full -10..10
 const ROW_HEIGHT = 84; // a row card (76 px) and the gap after it
 const BLOCKS_HEIGHT = 24; // the block weights line of a Stack LoRA row
-// The LoRA Block Weight presets people share (lora_core/block_weights.py has their vectors).
+// The LoRA Block Weight presets people share (lora_core/patching/block_weights.py has their vectors).
 const BLOCK_PRESETS = ["ALL", "NONE", "INS", "IND", "INALL", "MIDD", "MOUT", "OUTD", "OUTS", "OUTALL", "ALL0.5",
   "SDXL-ALL", "SDXL-INALL", "SDXL-MIDALL", "SDXL-OUTALL", "FLUX-DBL-FRONT", "FLUX-DBL-MID", "FLUX-DBL-TAIL"];
 const BLOCKS_HELP = "Block weights (LoRA Block Weight convention): BASE (text encoder and non-block layers) first, "

@@ -1,7 +1,7 @@
 """Which layers of a host model a new LoRA trains: named presets over weight keys, per family."""
 from __future__ import annotations
 
-from ..families import UNKNOWN, family
+from ..formats.families import UNKNOWN, family
 
 ATTENTION, ATTENTION_FF = "attention", "attention + feed-forward"
 PRESETS = [ATTENTION, ATTENTION_FF]

@@ -1,10 +1,10 @@
-"""Per-block weights (lora_core.block_weights): the LoRA Block Weight convention's reading of a vector,
+"""Per-block weights (lora_core.patching.block_weights): the LoRA Block Weight convention's reading of a vector,
 its presets and % spec, and what the plan and the clamps make of per-block strengths."""
 import pytest
 import torch
 
 from lora_core import Target, match_lora, parse_lora, plan_layers
-from lora_core.block_weights import (
+from lora_core.patching.block_weights import (
     BASE,
     PRESETS,
     BlockWeightError,
@@ -14,7 +14,7 @@ from lora_core.block_weights import (
     parse_block_weights,
     resolve_block_weights,
 )
-from lora_core.clamping import ClampSettings, StackEntry, clamp_strengths
+from lora_core.stacking.clamping import ClampSettings, StackEntry, clamp_strengths
 from lora_factory import lora_state_dict, low_rank_factors
 
 # An SD1.x attention LoRA's blocks: input 1, 2, 4, 5, 7, 8, middle 1, output 3-11 (16 blocks + BASE = 17).

@@ -1,9 +1,9 @@
-"""lora_core.families alone: which family a file was made for, what training targets on each family,
+"""lora_core.formats.families alone: which family a file was made for, what training targets on each family,
 and what a file of an unknown family says about itself."""
 import pytest
 
-from lora_core import families
 from lora_core.export import build_metadata
+from lora_core.formats import families
 from lora_core.training import select_targets
 
 KOHYA_SD1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"

@@ -141,10 +141,10 @@ def test_a_header_length_starting_with_the_pickle_byte_is_still_safetensors(tmp_
 def test_the_pack_caches_are_listed_in_one_place_and_can_be_emptied(tmp_path):
     from safetensors.torch import save_file
 
-    import lora_core.heatmap  # noqa: F401  (a cache registers when its module is imported)
-    import lora_core.stack_analysis  # noqa: F401
+    import lora_core.stacking.heatmap  # noqa: F401  (a cache registers when its module is imported)
+    import lora_core.stacking.stack_analysis  # noqa: F401
     from lora_core import caches
-    from lora_core.files import load_lora
+    from lora_core.formats.files import load_lora
     assert {"lora_files", "stack_shapes", "heatmaps"} <= set(caches.names())
     path = tmp_path / "c.safetensors"
     save_file({"lora_unet_x.lora_up.weight": torch.ones(4, 2), "lora_unet_x.lora_down.weight": torch.ones(2, 4)},

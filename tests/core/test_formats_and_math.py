@@ -13,7 +13,7 @@ from lora_core import (
     dense_delta,
     parse_lora,
 )
-from lora_core.keymap import candidate_names, resolve
+from lora_core.formats.keymap import candidate_names, resolve
 from lora_factory import LAYOUTS, lora_state_dict, low_rank_factors
 
 SHAPES = {"lora_unet_a_to_q": (24, 16), "lora_unet_a_to_k": (24, 16)}
@@ -148,7 +148,7 @@ def test_conv_loras_patch_like_comfyui_and_measure_from_their_factors(kernel, mi
     """Conv LoRAs (proj_in/out 1x1, LoCon 3x3, with or without a Tucker mid): the merge patch equals
     ComfyUI's formula (up.flatten(1) @ down.flatten(1), reshaped to the kernel, x alpha/rank), and
     their Frobenius norms and products come from the factors like linear ones."""
-    from lora_core import frobenius
+    from lora_core.stacking import frobenius
     g = torch.Generator().manual_seed(7)
     kh, kw = kernel
     sd = {"c.lora_up.weight": torch.randn(8, 4, 1, 1, generator=g), "c.alpha": torch.tensor(2.0)}

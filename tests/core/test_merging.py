@@ -8,8 +8,8 @@ import torch
 import lora_core.safetensors_io as safetensors_io
 from lora_core import LoHaAdapter, LoRA, LoRAError, LowRankAdapter, parse_lora, read_lora_file
 from lora_core.export import build_metadata, kohya_prefix, lora_state_dict, save_lora
+from lora_core.formats.metadata import read_info
 from lora_core.merging import MergeInput, merge_loras
-from lora_core.metadata import read_info
 from lora_factory import lora_state_dict as factory_state_dict
 from lora_factory import low_rank_factors
 

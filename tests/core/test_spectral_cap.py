@@ -1,4 +1,4 @@
-"""The spectral cap (lora_core.spectral): a layer's change's top singular value, from the factors, capped
+"""The spectral cap (lora_core.stacking.spectral): a layer's change's top singular value, from the factors, capped
 relative to the weight's; the fast stack path and the general one agree."""
 import math
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lora_core import LoHaAdapter, LowRankAdapter, Target, Term, apply_terms, match_lora, parse_lora
-from lora_core.block_weights import model_block_strengths, resolve_block_weights
-from lora_core.clamping import cap_layers, layer_change_ratio
-from lora_core.interference import plan_named
-from lora_core.spectral import (
+from lora_core.patching.block_weights import model_block_strengths, resolve_block_weights
+from lora_core.stacking.clamping import cap_layers, layer_change_ratio
+from lora_core.stacking.interference import plan_named
+from lora_core.stacking.spectral import (
     LayerCore,
     WeightSpectra,
     core_top,
@@ -143,7 +143,7 @@ def _matches():
 
 @pytest.mark.parametrize("with_blocks", [False, True])
 def test_fast_stack_path_equals_the_general_functions(with_blocks):
-    from lora_core.stack_analysis import analyse, stack_shape
+    from lora_core.stacking.stack_analysis import analyse, stack_shape
     keys, entries = _matches()
     g = torch.Generator().manual_seed(6)
     weights = {Target(k): torch.randn(ROWS, COLS, generator=g) * 0.2 for k in keys.values()}

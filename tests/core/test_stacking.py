@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_core import LoHaAdapter, Target, Term, apply_terms, dense_delta, match_lora, parse_lora, plan_layers
-from lora_core.clamping import (
+from lora_core.stacking.clamping import (
     DEFAULT_BUDGET,
     DEFAULT_LAYER_CAP,
     DEFAULT_WEIGHT_MAX,
@@ -17,8 +17,16 @@ from lora_core.clamping import (
     clamp_strengths,
     layer_change_ratio,
 )
-from lora_core.heatmap import colour_of, heatmap_layout, render_heatmap
-from lora_core.interference import block_of, block_table, by_lora, decorrelate, pair_cosines, plan_named, top_overlaps
+from lora_core.stacking.heatmap import colour_of, heatmap_layout, render_heatmap
+from lora_core.stacking.interference import (
+    block_of,
+    block_table,
+    by_lora,
+    decorrelate,
+    pair_cosines,
+    plan_named,
+    top_overlaps,
+)
 from lora_factory import lora_state_dict, low_rank_factors
 
 SHAPES = {"q": (24, 16), "k": (24, 16)}
@@ -331,7 +339,7 @@ def test_block_of(key, block):
 def test_pair_products_are_memoised_and_strengths_still_count(monkeypatch):
     """A re-run with other strengths takes every <dW_a, dW_b> from the memo (no factor pass), and the
     cosines and layer ratios still equal the dense math at the new strengths, signs included."""
-    from lora_core import frobenius
+    from lora_core.stacking import frobenius
     a, b = make_lora(60, rank=4, alpha=2.0), make_lora(61, rank=3)
     w = torch.randn(24, 16, generator=torch.Generator().manual_seed(62)) * 0.2
 
@@ -433,7 +441,7 @@ def _stack_matches():
 def test_stack_analysis_equals_the_general_functions(decor, strengths):
     """Stack LoRA's fast path gives what plan_named + pair_cosines + decorrelate + cap_layers give:
     the same terms, names, overlaps, decorrelation and capped layers, in the same orders."""
-    from lora_core.stack_analysis import analyse, stack_shape
+    from lora_core.stacking.stack_analysis import analyse, stack_shape
     entries = _stack_matches()
     norms = {t: 0.02 + 0.5 * i for i, t in enumerate(Target(k) for k in STACK_KEYS.values())}
     applied = [(name, match, sm, sc) for (name, match), (sm, sc) in zip(entries, strengths)]
@@ -461,7 +469,7 @@ def test_stack_analysis_equals_the_general_functions(decor, strengths):
 
 
 def test_stack_analysis_declines_stacks_outside_its_form():
-    from lora_core.stack_analysis import stack_shape
+    from lora_core.stacking.stack_analysis import stack_shape
     entries = _stack_matches()
     loha_match = entries[0][1]
     patch = loha_match.patches[0]

@@ -1,7 +1,6 @@
 """Per-block weights and the trigger_words output of Load LoRA and Stack LoRA in a real ComfyUI, on the
 tiny SD1.5 checkpoint: the weights a vector gives, computed by hand from the LoRA's factors."""
 import pytest
-import torch
 
 from lora_factory import lora_state_dict
 from lora_fixtures import (
@@ -138,7 +137,7 @@ def test_stack_row_block_weights_equal_load_lora_and_the_fast_and_general_paths_
     report = out.args[3]
     assert "block weights (vector): BASE 0.5, IN01 1" in report and "OUT00 1.6" in report
     assert out.ui["lw_effective"][0][5]["OUT00"] == pytest.approx(1.6)
-    monkeypatch.setattr(comfy_host.pack.lora_core.stack_analysis, "stack_shape", lambda entries: None)
+    monkeypatch.setattr(comfy_host.pack.lora_core.stacking.stack_analysis, "stack_shape", lambda entries: None)
     slow = stack(comfy_host, model, None, [(name, 0.8, 0.0, True, VECTOR)])
     assert max_relative_error(patched_weights(slow.args[0]), patched_weights(by_load), unet) < 1e-6
 

@@ -63,7 +63,7 @@ def test_object_patches_and_weight_copies(compat, flux):
 
 def test_every_registry_family_names_real_config_classes(compat, comfy_host):
     import comfy.supported_models as sm
-    families = comfy_host.pack.lora_core.families
+    families = comfy_host.pack.lora_core.formats.families
     for family in families.FAMILIES:
         for name in family.host_configs:
             assert isinstance(getattr(sm, name, None), type), f"{family.name}: comfy.supported_models.{name} is gone"

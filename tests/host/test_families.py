@@ -8,8 +8,9 @@ import json
 import pytest
 import tiny_families as tiny
 import torch
-from lora_fixtures import max_relative_error, patched_weights, save_lora
 from safetensors import safe_open
+
+from lora_fixtures import max_relative_error, patched_weights, save_lora
 
 FAMILY_NAME = {"sd15": "SD1.x", "sdxl": "SDXL", "flux": "Flux", "chroma": "Chroma", "qwen_image": "Qwen-Image",
                "wan21": "Wan 2.1", "wan22": "Wan 2.2", "hunyuan_video": "HunyuanVideo", "lumina2": "Lumina2",
@@ -166,7 +167,7 @@ def test_stack_of_two_and_their_merge_equal_core_chained(comfy_host, pack, famil
 
 
 def _architecture(pack, family) -> str:
-    return pack.lora_core.families.family(FAMILY_NAME[family]).architecture
+    return pack.lora_core.formats.families.family(FAMILY_NAME[family]).architecture
 
 
 def _train_args(model, name, checkpointing, steps=2):

@@ -468,7 +468,7 @@ def test_merge_lora_file_of_parents_with_other_ranks_loads_in_diffusers(comfy_ho
     folder.mkdir(exist_ok=True)
     a, b = f"merge_a_{family}.safetensors", f"merge_b_{family}.safetensors"
     save_file(_kohya_parent(family, keys, shapes, 2, 1.0, seed=21), str(folder / a),
-              {"ss_base_model_version": pack.lora_core.families.family(FAMILY_NAME[family]).base_model_version})
+              {"ss_base_model_version": pack.lora_core.formats.families.family(FAMILY_NAME[family]).base_model_version})
     half = keys[::2]
     if family == "flux_wide":
         save_file(_kohya_parent(family, half, shapes, 8, 4.0, seed=22), str(folder / b))

@@ -64,7 +64,7 @@ def test_a_planted_spike_is_capped_exactly_and_other_layers_are_untouched(comfy_
     report = out.args[3]
     assert "spectral cap touched 1 layers" in report and spike in report and f"-> {cap:.4f}" in report
     # the general path (what DoRA / LoHa stacks take) gives the same
-    monkeypatch.setattr(comfy_host.pack.lora_core.stack_analysis, "stack_shape", lambda entries: None)
+    monkeypatch.setattr(comfy_host.pack.lora_core.stacking.stack_analysis, "stack_shape", lambda entries: None)
     slow = node.execute(model=model, **SETTINGS, **rows(names), use_spectral_cap=True, spectral_cap=cap)
     slow_w = patched_weights(slow.args[0])
     assert float((slow_w[spike] - capped_w[spike]).abs().max()) < 1e-6 and slow.args[3] == report

@@ -124,7 +124,7 @@ def test_fast_analysis_and_general_functions_give_the_same_model(comfy_host, sd1
                   (three_loras[2], 0.8, 0.0, True)])
     settings = {"use_layer_cap": True, "layer_cap": 0.04, "decorrelate": decorrelate}
     fast_model, fast_clip, _, fast_report, _ = stack(comfy_host, model, clip, rows, **settings)
-    monkeypatch.setattr(comfy_host.pack.lora_core.stack_analysis, "stack_shape", lambda entries: None)
+    monkeypatch.setattr(comfy_host.pack.lora_core.stacking.stack_analysis, "stack_shape", lambda entries: None)
     slow_model, slow_clip, _, slow_report, _ = stack(comfy_host, model, clip, rows, **settings)
     assert "layer cap touched" in fast_report and fast_report == slow_report
     keys = list(attention_targets(model))

@@ -19,16 +19,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from . import caches
+from .. import caches
+from ..formats.adapters import Adapter
+from ..patching.block_weights import strength_at
+from ..patching.matching import MatchResult
+from ..values import Target, Term
 from . import spectral as spectral_cap_math
-from .adapters import Adapter
-from .block_weights import strength_at
 from .clamping import CappedLayer, cap_layers
 from .frobenius import gram as layer_gram
 from .interference import Decorrelated, LayerOverlap, _cosine, by_lora, pair_cosines, plan_named
 from .interference import decorrelate as decorrelate_layers
-from .matching import MatchResult, Target
-from .weight_patch import Term
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import LoRAShapeError
 from . import peft_config
 from .adapters import Adapter, claim_adapter
-from .errors import LoRAShapeError
 
 # (key suffix, role), longest first so that ".lora_A.default.weight" wins over ".weight" forms.
 ROLE_SUFFIXES: list[tuple[str, str]] = sorted([

@@ -1,9 +1,8 @@
 """Collect what each layer receives from one or more LoRAs, strengths folded into the terms."""
 from __future__ import annotations
 
+from ..values import Target, Term
 from .block_weights import strength_at
-from .matching import Target
-from .weight_patch import Term
 
 
 def plan_layers(applied: list[tuple]) -> dict[Target, list[Term]]:

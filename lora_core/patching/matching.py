@@ -9,41 +9,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import Adapter
-from .errors import LoRAShapeError, WrongBaseModelError
-from .families import UNKNOWN, guess_family
-from .formats import LoRA
-from .keymap import is_text_encoder_name, resolve
-from .metadata import LoRAInfo, read_info
+from ..errors import LoRAShapeError, WrongBaseModelError
+from ..formats.adapters import Adapter
+from ..formats.families import UNKNOWN, guess_family
+from ..formats.keymap import is_text_encoder_name, resolve
+from ..formats.layouts import LoRA
+from ..formats.metadata import LoRAInfo, read_info
+from ..values import CLIP, MODEL, LayerPatch, Target
 
-MODEL, CLIP = "model", "clip"
 # Below this share of a component's modules matching, the file is taken as made for another base.
 MIN_MATCH_FRACTION = 0.5
-
-
-@dataclass(frozen=True)
-class Target:
-    """A host weight, or a slice of one along `offset=(dim, start, length)` (fused qkv). `function`: a
-    host-side transform of the change (SD3/AuraFlow's scale/shift swap); such layers go to the host."""
-
-    key: str
-    offset: tuple[int, int, int] | None = None
-    function: object = None
-
-    def __post_init__(self):
-        # Targets key every per-layer table; hash and component once, not on each lookup.
-        object.__setattr__(self, "_hash", hash((self.key, self.offset, self.function)))
-        object.__setattr__(self, "component", MODEL if self.key.startswith("diffusion_model.") else CLIP)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-
-@dataclass
-class LayerPatch:
-    target: Target
-    adapter: Adapter
-    source_name: str
 
 
 @dataclass

@@ -12,7 +12,7 @@ exactly the cap (other layers keep their very terms).
 sigma_1 of the change comes from the factors, never a dense product: with the layer's plain
 low-rank terms as U D (U = [s_1 c_1 B_1, ...], D = [A_1; ...], fp64), U = Q_u R_u and
 D^T = Q_d R_d give U D = Q_u (R_u R_d^T) Q_d^T, so sigma_1 is that of the small R x R core (the
-same factor SVD merging.py's svd method uses). The QRs do not depend on the strengths: with
+same factor SVD merging/merge.py's svd method uses). The QRs do not depend on the strengths: with
 unscaled factors, U = U_1 S (S the strengths per column), R_u S R_d^T is the core, and a Stack LoRA
 re-run only forms that product (`LayerCore`). Terms without a low-rank form (LoHa, LoKr, Tucker
 LoCon) join as a dense matrix; DoRA layers are measured on a copy of the weight.
@@ -28,10 +28,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..patching.weight_patch import apply_terms
+from ..values import Target, Term
 from .clamping import _NONLINEAR_CAP_STEPS, _NONLINEAR_CAP_TOL, CappedLayer, WeightSource, _finite, host_weight
 from .frobenius import factor_terms
-from .matching import Target
-from .weight_patch import Term, apply_terms
 
 DEFAULT_SPECTRAL_CAP = 0.5
 _FLOOR_ITERATIONS = 4

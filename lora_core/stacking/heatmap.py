@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import caches
+from .. import caches
 
 CELL = 40  # px per cell: room for "-0.83" in the default font
 PAD = 8

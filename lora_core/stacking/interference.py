@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Union
 
+from ..patching.plan import plan_layers
+from ..values import Target, Term
 from . import frobenius
-from .matching import Target
-from .plan import plan_layers
-from .weight_patch import Term
 
 TermsOrTerm = Union[Term, Sequence[Term]]
 

@@ -11,7 +11,7 @@ from functools import cached_property
 
 import torch
 
-from .errors import LoRAShapeError
+from ..errors import LoRAShapeError
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .weight_patch import Term
+from ..values import Term
 
 
 class BypassForward:

@@ -10,14 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from .adapters import Adapter
-
-
-class Term(NamedTuple):
-    """One adapter's share of a layer at a strength (a tuple: built per layer on every run)."""
-
-    adapter: Adapter
-    strength: float
+from ..values import Term
 
 
 class Fused(NamedTuple):

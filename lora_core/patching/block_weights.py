@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from .errors import LoRAError
+from ..errors import LoRAError
 
 BASE = "BASE"
 

@@ -20,10 +20,10 @@ from typing import Union
 
 import torch
 
+from ..patching.block_weights import BASE
+from ..patching.weight_patch import apply_terms
+from ..values import Target, Term
 from . import frobenius
-from .block_weights import BASE
-from .matching import Target
-from .weight_patch import Term, apply_terms
 
 # Why these defaults:
 # Most LoRAs are trained and published for strength 1.0; beyond +-1 they are extrapolated

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import Adapter
-from .weight_patch import Term
+from ..formats.adapters import Adapter
+from ..values import Term
 
 
 @dataclass

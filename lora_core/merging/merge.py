@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .adapters import Adapter, LoHaAdapter, LoKrAdapter, LowRankAdapter
-from .errors import LoRAError, LoRAShapeError
-from .export import kohya_prefix
-from .families import FLUX, SD3, SDXL, UNKNOWN, guess_family
-from .formats import LoRA
-from .keymap import is_text_encoder_name
+from ..errors import LoRAError, LoRAShapeError
+from ..export import kohya_prefix
+from ..formats.adapters import Adapter, LoHaAdapter, LoKrAdapter, LowRankAdapter
+from ..formats.families import FLUX, SD3, SDXL, UNKNOWN, guess_family
+from ..formats.keymap import is_text_encoder_name
+from ..formats.layouts import LoRA
 
 METHODS = ("concat", "svd", "ties", "dare")
 RANK_MODES = ("fixed", "energy")
