@@ -154,6 +154,7 @@ function provenanceSummary(provenance) {
   if (Array.isArray(provenance.images_sha256)) {
     const s = provenance.settings || {};
     const bits = [`${provenance.images_sha256.length} images`];
+    if (Array.isArray(provenance.reg_images_sha256)) bits.push(`${provenance.reg_images_sha256.length} regularisation images`);
     if (s.steps) bits.push(`${s.steps} steps`);
     if (s.learning_rate) bits.push(`lr ${s.learning_rate}`);
     if (s.resolution) bits.push(`${s.resolution}px`);
