@@ -35,12 +35,18 @@ from .comfy_bridge import model_family
 
 # ---------------------------------------------------------------- data
 
-def split_captions(captions: str, trigger: str, count: int) -> list[str]:
-    lines = [c.strip() for c in captions.splitlines() if c.strip()] or [""]
+def split_captions(captions: str | list[str], trigger: str, count: int, what: str = "images") -> list[str]:
+    """One caption per image: a list of captions (as a dataset loader gives them, one per image),
+    or one text with a caption per line, or a single caption for all; the trigger goes first."""
+    if isinstance(captions, (list, tuple)) and len(captions) > 1:
+        lines = [" ".join(str(c).split()) for c in captions]
+    else:
+        text = captions[0] if isinstance(captions, (list, tuple)) else captions
+        lines = [c.strip() for c in (text or "").splitlines() if c.strip()] or [""]
     if len(lines) == 1:
         lines = lines * count
     if len(lines) != count:
-        raise LoRAError(f"Train LoRA: {len(lines)} caption lines for {count} images; give one caption per image "
+        raise LoRAError(f"Train LoRA: {len(lines)} captions for {count} {what}; give one caption per image "
                         "(one per line, in image order) or a single caption for all.")
     trigger = trigger.strip()
     return [f"{trigger}, {c}".strip(", ") if trigger else c for c in lines]

@@ -56,6 +56,8 @@ from .train_bridge import (
 from .train_preview import render_samples, send_progress
 
 NONE = "None"
+IMAGE_INPUTS = ("images", "reg_images")  # every batch ComfyUI passes is kept
+CAPTION_INPUTS = ("captions", "reg_captions")  # a dataset loader's list: one caption per image
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,7 +77,8 @@ class TrainLoRA(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="Encodes the images, once per run."),
                 io.Image.Input("images", tooltip="Training images: one batch or several (10-50 images is typical)."),
                 io.String.Input("captions", multiline=True, default="",
-                                tooltip="One caption per line in image order, or a single line for all images."),
+                                tooltip="One caption per line in image order, or a single line for all images. "
+                                        "Connect a dataset loader's texts for one caption per image."),
                 io.String.Input("trigger_word", default="", tooltip="Put before every caption, e.g. 'sks style'. "
                                 "Saved in the file as its trigger phrase."),
                 io.String.Input("output_name", default="my_lora",
@@ -124,6 +127,13 @@ class TrainLoRA(io.ComfyNode):
                 io.Int.Input("sample_every", default=0, min=0, max=100000, tooltip="0: no samples."),
                 io.Combo.Input("resume_from", options=[NONE] + lora_names(), default=NONE,
                                tooltip="Continue a run saved by this node (weights and optimizer state)."),
+                io.Image.Input("reg_images", optional=True,
+                               tooltip="Regularisation (prior-preservation) images: what the base model should "
+                                       "keep drawing, trained beside the images (no trigger word). Keeps the "
+                                       "LoRA from bleeding into prompts without its trigger."),
+                io.String.Input("reg_captions", optional=True, multiline=True, default="",
+                                tooltip="Captions of the regularisation images: one per line, or a dataset "
+                                        "loader's texts."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The base model with the new LoRA applied."),
@@ -140,9 +150,16 @@ class TrainLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, **inputs):
         check_inputs(cls, inputs)  # every number finite and in its declared range, before any work
-        args = {k: (v if k == "images" else v[0]) for k, v in inputs.items()}
+        args = {k: _argument(k, v) for k, v in inputs.items()}
         with torch.inference_mode(False), torch.enable_grad():
             return _run(args, cls.hidden.unique_id if cls.hidden else None)
+
+
+def _argument(name: str, values: list):
+    """The node takes lists (is_input_list): image batches and caption lists stay lists."""
+    if name in IMAGE_INPUTS or (name in CAPTION_INPUTS and len(values) > 1):
+        return values
+    return values[0]
 
 
 def _settings(a: dict) -> TrainSettings:
@@ -202,7 +219,8 @@ class TrainingRun:
         self.seconds = self.began = 0.0
         # No clock value: the same inputs give the same file, byte for byte.
         self.provenance = {"base_model_sha256": weights_sha256(self.model),
-                           "settings": {k: v for k, v in a.items() if k not in ("model", "clip", "vae", "images")},
+                           "settings": {k: v for k, v in a.items()
+                                        if k not in ("model", "clip", "vae", "images", "reg_images")},
                            "pack_version": PACK_VERSION}
         if resumed_from:  # the parent, by its tensor data (renaming or re-tagging it keeps this) and its file
             self.provenance["resumed_from"] = resumed_from
@@ -215,7 +233,22 @@ class TrainingRun:
         self.images = prepare_images(a["images"], a["resolution"], a["bucketing"])
         self.provenance["images_sha256"] = [image_sha256(i) for i in self.images]
         self.provenance["captions_sha256"] = hashlib.sha256("\n".join(self.captions).encode()).hexdigest()
-        return encode_dataset(self.model, a["clip"], a["vae"], self.images, self.captions)
+        samples = encode_dataset(self.model, a["clip"], a["vae"], self.images, self.captions)
+        return samples + self._regularisation()
+
+    def _regularisation(self) -> list:
+        """Prior preservation (as kohya's reg images): samples of what the base model should keep
+        drawing, mixed into the batches with their own captions and no trigger word."""
+        a = self.a
+        reg = [img for img in a.get("reg_images") or [] if img is not None]
+        if not reg:
+            return []
+        count = sum(img.shape[0] for img in reg)
+        captions = split_captions(a.get("reg_captions", ""), "", count, "regularisation images")
+        images = prepare_images(reg, a["resolution"], a["bucketing"])
+        self.provenance["reg_images_sha256"] = [image_sha256(i) for i in images]
+        self.provenance["reg_captions_sha256"] = hashlib.sha256("\n".join(captions).encode()).hexdigest()
+        return encode_dataset(self.model, a["clip"], a["vae"], images, captions)
 
     # ------------------------------------------------------------ training
     def train(self, samples: list) -> None:

@@ -60,7 +60,7 @@ def test_same_seed_same_file_bit_for_bit(comfy_host):
 
 @pytest.mark.parametrize("extra,message", [
     ({"output_name": "../escape"}, "names may not contain '..'"),
-    ({"captions": "one\ntwo\nthree"}, "3 caption lines for 4 images"),
+    ({"captions": "one\ntwo\nthree"}, "3 captions for 4 images"),
     ({"rank": 64}, "rank 64 does not fit layer"),
 ])
 def test_bad_input_is_a_clear_error(comfy_host, extra, message):
@@ -206,3 +206,40 @@ def test_base_model_hash_is_taken_once_per_unpatched_model(comfy_host, monkeypat
     patched = model.clone()
     patched.add_patches({next(iter(attention_targets(model))): bridge.AutogradSafeWeight(patched)}, 1.0)
     assert bridge.weights_sha256(patched) == first and reads  # a MODEL with patches is hashed afresh
+
+
+def _dataset_folder(input_dir, name: str, captions: list[str]) -> list[str]:
+    """A kohya-style folder of PNGs with .txt captions; the captions in the order the loader lists them."""
+    import os
+
+    from PIL import Image
+    folder = input_dir / name
+    folder.mkdir(exist_ok=True)
+    for i, caption in enumerate(captions):
+        Image.new("RGB", (64, 64), (40 * i, 90, 200 - 40 * i)).save(folder / f"{i:02d}.png")
+        (folder / f"{i:02d}.txt").write_text(caption + "\n")
+    listed = [f for f in os.listdir(folder) if f.endswith(".png")]  # LoadImageTextDataSetFromFolder's order
+    return [captions[int(f[:2])] for f in listed]
+
+
+def test_captions_from_a_dataset_loader_and_regularisation_images(comfy_host, host_dirs):
+    """Core's Load Image and Text Dataset from Folder feeds one caption per image, and a second one the
+    regularisation set (prior preservation): both are encoded, and the file records both sets."""
+    import hashlib
+    texts = _dataset_folder(host_dirs["input"], "lw_train_set", [f"a square number {i}" for i in range(4)])
+    reg_texts = _dataset_folder(host_dirs["input"], "lw_reg_set", ["a circle", "a triangle", "a cross"])
+    prompt = _train_prompt("trained/with_reg", steps=2, extra={
+        "images": ["4", 0], "captions": ["4", 1], "reg_images": ["5", 0], "reg_captions": ["5", 1]})
+    prompt["4"] = {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "lw_train_set"}}
+    prompt["5"] = {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": "lw_reg_set"}}
+    comfy_host.run(prompt, outputs=["3"])
+    with safe_open(str(comfy_host.loras_dir / "trained/with_reg.safetensors"), "pt") as f:
+        provenance = json.loads(f.metadata()["lw.provenance"])
+    assert provenance["captions_sha256"] == hashlib.sha256(
+        "\n".join(f"lwtest, {t}" for t in texts).encode()).hexdigest()  # the trigger first, one caption per image
+    assert len(provenance["images_sha256"]) == 4 and len(provenance["reg_images_sha256"]) == 3
+    assert provenance["reg_captions_sha256"] == hashlib.sha256("\n".join(reg_texts).encode()).hexdigest()  # no trigger
+    # a caption count that fits neither one-per-image nor one-for-all is refused before training
+    prompt["3"]["inputs"]["reg_captions"] = "a circle\na triangle"
+    with pytest.raises(Exception, match="2 captions for 3 regularisation images"):
+        comfy_host.run(prompt, outputs=["3"])
