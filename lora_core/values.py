@@ -1,9 +1,12 @@
 """The value types every layer passes around: where a change goes (`Target`), one adapter's share of
-a layer (`Term`), and a matched adapter (`LayerPatch`). Plain records with no behaviour of their own."""
+a layer (`Term`), and a matched adapter (`LayerPatch`); and the one way a fused weight (qkv) is sliced
+for a target (`slice_shape`, `narrow`, also as `Target` methods)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
+
+import torch
 
 if TYPE_CHECKING:
     from .formats.adapters import Adapter
@@ -27,6 +30,29 @@ class Target:
 
     def __hash__(self) -> int:
         return self._hash
+
+    def slice_shape(self, shape: torch.Size) -> torch.Size:
+        return slice_shape(shape, self.offset)
+
+    def narrow(self, weight: torch.Tensor) -> torch.Tensor:
+        return narrow(weight, self.offset)
+
+
+def slice_shape(shape: torch.Size, offset: tuple[int, int, int] | None) -> torch.Size:
+    """The shape of the slice `offset=(dim, start, length)` of a weight of `shape` (fused qkv); `shape`
+    itself without an offset."""
+    if offset is None:
+        return shape
+    dim, _, length = offset
+    return torch.Size([*shape[:dim], length, *shape[dim + 1:]])
+
+
+def narrow(weight: torch.Tensor, offset: tuple[int, int, int] | None) -> torch.Tensor:
+    """The slice `offset=(dim, start, length)` of a fused weight, as a view; `weight` itself without one."""
+    if offset is None:
+        return weight
+    dim, start, length = offset
+    return weight.narrow(dim, start, length)
 
 
 class Term(NamedTuple):

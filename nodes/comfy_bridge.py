@@ -134,10 +134,7 @@ def base_weight(model, clip, target: Target) -> torch.Tensor:
     weight = comfy_compat.original_weight(patcher, target.key)
     if weight is None:
         weight = comfy.utils.get_attr(patcher.model, target.key)
-    if target.offset is not None:
-        dim, start, length = target.offset
-        weight = weight.narrow(dim, start, length)
-    return weight
+    return target.narrow(weight)
 
 
 # ||W||_F of base weights per live model: ComfyUI never changes a base weight for good (patches

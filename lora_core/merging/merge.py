@@ -28,6 +28,7 @@ from ..formats.adapters import Adapter, LoHaAdapter, LoKrAdapter, LowRankAdapter
 from ..formats.families import FLUX, SD3, SDXL, UNKNOWN, guess_family
 from ..formats.keymap import is_text_encoder_name
 from ..formats.layouts import LoRA
+from ..patching.factors import stack_factors
 
 METHODS = ("concat", "svd", "ties", "dare")
 RANK_MODES = ("fixed", "energy")
@@ -282,13 +283,6 @@ def _fmt(shape: tuple[int, ...]) -> str:
 
 # ---------------------------------------------------------------- per-layer math
 
-def _factors(adapter: Adapter) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """(up, down, scale) with delta = scale * up @ down; a conv LoRA without Tucker mid counts too."""
-    if isinstance(adapter, LowRankAdapter) and adapter.roles.get("mid") is None:
-        return adapter.roles["up"].flatten(start_dim=1), adapter.roles["down"].flatten(start_dim=1), adapter.scale
-    return None
-
-
 def _finite(t: torch.Tensor, layer: _Layer, source: str) -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
         raise LoRAError(f"layer '{layer.name}': {source} gives NaN or inf values; that LoRA is broken "
@@ -298,31 +292,32 @@ def _finite(t: torch.Tensor, layer: _Layer, source: str) -> torch.Tensor:
 
 def _stack(layer: _Layer, device) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(U, D, X): U @ D + X == E, weights and alpha/rank scales folded into U; X for non-low-rank parts."""
-    ups, downs, dense = [], [], None
+    parts, dense = [], None
     for p in layer.parts:
-        f = _factors(p.adapter)
+        f = p.adapter.low_rank()  # (up, down, scale); a conv LoRA without Tucker mid counts too
         if f is None:
             d = _finite(p.adapter.delta(torch.Size(layer.shape2d), device, DENSE_DTYPE), layer, p.source) * p.weight
             dense = d if dense is None else dense + d
             continue
         up, down, scale = f
-        ups.append(_finite(up.to(device, FACTOR_DTYPE), layer, p.source) * (p.weight * scale))
-        downs.append(_finite(down.to(device, FACTOR_DTYPE), layer, p.source))
-    if not ups:
+        parts.append((_finite(up, layer, p.source), _finite(down, layer, p.source), p.weight * scale))
+    if not parts:
         return None, None, dense
-    return torch.cat(ups, dim=1), torch.cat(downs, dim=0), dense
+    factors = stack_factors(parts, device, FACTOR_DTYPE)
+    return factors.up, factors.down, dense
 
 
 def _tasks(layer: _Layer, device) -> list[torch.Tensor]:
     """Dense tau_i = w_i dW_i, one per input that has this layer."""
     out = []
     for p in layer.parts:
-        f = _factors(p.adapter)
+        f = p.adapter.low_rank()
         if f is None:
             t = p.adapter.delta(torch.Size(layer.shape2d), device, DENSE_DTYPE) * p.weight
         else:
             up, down, scale = f
-            t = (up.to(device, DENSE_DTYPE) * (p.weight * scale)) @ down.to(device, DENSE_DTYPE)
+            factors = stack_factors([(up, down, p.weight * scale)], device, DENSE_DTYPE)
+            t = factors.up @ factors.down
         out.append(_finite(t, layer, p.source))
     return out
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..values import Term
+from ..values import Term, slice_shape
+from .factors import stack_factors
+from .weight_patch import dense_delta
 
 
 class BypassForward:
@@ -30,28 +32,18 @@ class BypassForward:
         if key not in self._cache:
             fused = None
             if self.low_rank:
-                ups, downs = [], []
+                parts = []
                 for t in self.low_rank:
                     up, down, scale = t.adapter.low_rank()
-                    ups.append(up.to(device, torch.float32) * (scale * float(t.strength)))
-                    downs.append(down.to(device, torch.float32))
-                fused = (torch.cat(downs, 0).to(dtype), torch.cat(ups, 1).to(dtype))
-            dense = None
-            if self.dense:
-                shape = self._target_shape()
-                dense = torch.zeros(shape, device=device, dtype=torch.float32)
-                for t in self.dense:
-                    dense.add_(t.adapter.delta(shape, device), alpha=float(t.strength))
-                dense = dense.to(dtype)
+                    parts.append((up, down, scale * float(t.strength)))
+                factors = stack_factors(parts, device, torch.float32)
+                fused = (factors.down.to(dtype), factors.up.to(dtype))
+            dense = dense_delta(self.dense, self._target_shape(), device, dtype) if self.dense else None
             self._cache[key] = (fused, dense)
         return self._cache[key]
 
     def _target_shape(self) -> torch.Size:
-        shape = self.module.weight.shape
-        if self.offset is None:
-            return shape
-        dim, _, length = self.offset
-        return torch.Size([*shape[:dim], length, *shape[dim + 1:]])
+        return slice_shape(self.module.weight.shape, self.offset)
 
     def extra(self, x: torch.Tensor) -> torch.Tensor:
         fused, dense = self._factors(x.device, x.dtype)

@@ -79,7 +79,7 @@ def _target_shape(target: Target, host_shapes: dict[str, torch.Size]) -> torch.S
     dim, start, length = target.offset
     if start + length > shape[dim]:  # a slice the host's map places outside the weight (grouped-query qkv)
         return torch.Size([])
-    return torch.Size([*shape[:dim], length, *shape[dim + 1:]])
+    return target.slice_shape(shape)
 
 
 def match_lora(lora: LoRA, key_map: dict, host_shapes: dict[str, torch.Size], connected: set[str],

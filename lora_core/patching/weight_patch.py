@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from ..values import Term
+from .factors import stack_factors
 
 
 class Fused(NamedTuple):
@@ -45,15 +46,12 @@ def fuse(terms: list[Term], device) -> list:
 
 
 def _fused(run: list, device) -> Fused:
-    ups = [up for (up, _), _ in run]
-    downs = [down for (_, down), _ in run]
     scales = [c for _, c in run]
-    up = (ups[0] if len(ups) == 1 else torch.cat(ups, dim=1)).to(device)
-    down = (downs[0] if len(downs) == 1 else torch.cat(downs, dim=0)).to(device)
-    if all(c == scales[0] for c in scales):
-        return Fused(up, down, scales[0])
-    columns = torch.cat([torch.full((u.shape[1],), c, dtype=torch.float32) for u, c in zip(ups, scales)])
-    return Fused(up * columns.to(device), down, 1.0)
+    if all(c == scales[0] for c in scales):  # one scale: addmm's alpha, the factors untouched
+        factors = stack_factors([(up, down, 1.0) for (up, down), _ in run], device)
+        return Fused(factors.up, factors.down, scales[0])
+    factors = stack_factors([(up, down, c) for (up, down), c in run], device)
+    return Fused(factors.up, factors.down, 1.0)
 
 
 def dora_decompose(weight: torch.Tensor, dora_scale: torch.Tensor, delta: torch.Tensor,

@@ -250,10 +250,8 @@ def host_weight(weights: WeightSource, target: Target) -> torch.Tensor:
     if weight is None:
         raise ValueError(f"no host weight given for layer '{target.key}'"
                          + (f" (slice {target.offset})" if target.offset else ""))
-    if target.offset is not None:
-        dim, start, length = target.offset
-        if weight.shape[dim] != length:  # the whole fused weight was given: take our slice of it
-            weight = weight.narrow(dim, start, length)
+    if target.offset is not None and weight.shape[target.offset[0]] != target.offset[2]:
+        weight = target.narrow(weight)  # the whole fused weight was given: take our slice of it
     return weight
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.adapters import Adapter
+from ..patching.factors import stack_factors
 from ..values import Term
 
 
@@ -46,7 +47,7 @@ def factor_terms(terms: Sequence[Term]) -> FactoredDelta:
         raise ValueError("factor_terms: the term list is empty; a layer needs at least one term")
     shape = terms[0].adapter.target_shape_2d()
     device = _first_device(terms)
-    ups, downs = [], []
+    parts = []
     dense = None
     for term in terms:
         this_shape = term.adapter.target_shape_2d()
@@ -57,15 +58,15 @@ def factor_terms(terms: Sequence[Term]) -> FactoredDelta:
         matrices = term.adapter.matrices32
         if matrices is not None:
             up, down = matrices
-            ups.append(up.to(device=device, dtype=torch.float64) * (s * float(term.adapter.low_rank()[2])))
-            downs.append(down.to(device=device, dtype=torch.float64))
+            parts.append((up, down, s * float(term.adapter.low_rank()[2])))
             continue
         # Dense fallback: LoHa/LoKr/Tucker LoCon have no (up, down) pair to contract.
         delta = term.adapter.delta(torch.Size(shape), device, torch.float32)
         dense = delta.mul_(s) if dense is None else dense.add_(delta, alpha=s)
     out = FactoredDelta(shape=shape, dense=dense)
-    if ups:
-        out.up, out.down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    if parts:
+        factors = stack_factors(parts, device, torch.float64)
+        out.up, out.down = factors.up, factors.down
     return out
 
 
@@ -118,9 +119,9 @@ def gram(adapters: Sequence[Adapter]) -> list[list[float]] | None:
     matrices = [a.matrices32 for a in adapters]
     if any(m is None for m in matrices):
         return None
-    up = torch.cat([m[0].double() * float(a.low_rank()[2]) for a, m in zip(adapters, matrices)], dim=1)
-    down = torch.cat([m[1].double() for m in matrices], dim=0)
-    blocks = torch.repeat_interleave(torch.arange(n), torch.tensor([m[1].shape[0] for m in matrices]))
+    up, down, ranks = stack_factors([(m[0], m[1], float(a.low_rank()[2])) for a, m in zip(adapters, matrices)],
+                                    None, torch.float64)
+    blocks = torch.repeat_interleave(torch.arange(n), torch.tensor(ranks))
     indicator = torch.nn.functional.one_hot(blocks, n).double()
     table = (indicator.T @ ((up.T @ up) * (down @ down.T)) @ indicator).tolist()
     for i, a in enumerate(adapters):

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..patching.factors import stack_factors
 from ..patching.weight_patch import apply_terms
 from ..values import Target, Term
 from .clamping import _NONLINEAR_CAP_STEPS, _NONLINEAR_CAP_TOL, CappedLayer, WeightSource, _finite, host_weight
@@ -97,11 +98,10 @@ class LayerCore:
     factors [c_1 B_1, ...] and [A_1; ...] of its plain low-rank terms (one per member)."""
 
     def __init__(self, factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]]):
-        ups = [up.to(torch.float64).flatten(start_dim=1) * float(scale) for up, _, scale in factors]
-        downs = [down.to(torch.float64).flatten(start_dim=1) for _, down, _ in factors]
-        _, self.ru = torch.linalg.qr(torch.cat(ups, dim=1))
-        _, self.rd = torch.linalg.qr(torch.cat(downs, dim=0).T)
-        self.ranks = [u.shape[1] for u in ups]
+        up, down, self.ranks = stack_factors([(up, down, float(scale)) for up, down, scale in factors],
+                                             None, torch.float64)
+        _, self.ru = torch.linalg.qr(up)
+        _, self.rd = torch.linalg.qr(down.T)
 
     def top(self, strengths: Sequence[float]) -> float:
         """sigma_1(sum_k s_k dW_k) at one strength per member (0 for members not applied)."""
