@@ -29,6 +29,7 @@ from ..lora_core import (
     supports_bypass,
 )
 from ..lora_core.formats import families
+from ..lora_core.formats.variants import all_additive
 from ..lora_core.stacking.spectral import WeightSpectra
 from . import comfy_compat
 
@@ -214,7 +215,7 @@ def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list, mod
     for target, terms in layers.items():
         module_path = target.key.rsplit(".", 1)[0]
         module = _submodule(patcher.model, module_path) if mode == BYPASS else None
-        additive = all(t.adapter.dora_scale is None for t in terms)
+        additive = all_additive(terms)
         if mode == BYPASS and additive and target.key.endswith(".weight") and supports_bypass(module, target.offset):
             name = f"{module_path}.forward"
             patcher.add_object_patch(name, BypassForward(module, terms, target.offset,

@@ -12,6 +12,7 @@ from functools import cached_property
 import torch
 
 from ..errors import LoRAShapeError
+from .variants import Variant, variant_of
 
 
 @dataclass(eq=False)
@@ -33,6 +34,11 @@ class Adapter:
     @property
     def dora_scale(self) -> torch.Tensor | None:
         return self.roles.get("dora_scale")
+
+    @property
+    def variant(self) -> Variant:
+        """How this adapter's change reaches the weight (plain, DoRA); see variants.py."""
+        return variant_of(self.roles)
 
     @property
     def rank(self) -> int | None:

@@ -86,7 +86,7 @@ class LoRA:
     def kinds(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for a in self.adapters.values():
-            kind = a.name + ("+dora" if a.dora_scale is not None else "")
+            kind = a.name + a.variant.suffix
             counts[kind] = counts.get(kind, 0) + 1
         return counts
 

@@ -28,6 +28,7 @@ from ..formats.adapters import Adapter, LoHaAdapter, LoKrAdapter, LowRankAdapter
 from ..formats.families import FLUX, SD3, SDXL, UNKNOWN, guess_family
 from ..formats.keymap import is_text_encoder_name
 from ..formats.layouts import LoRA
+from ..formats.variants import DoRAVariant
 from ..patching.factors import stack_factors
 
 METHODS = ("concat", "svd", "ties", "dare")
@@ -256,7 +257,7 @@ def _collect(items: list[MergeInput], family: str, names=None) -> tuple[list[_La
             layer.sources.append(src)
             if item.weight_for(kohya) != 0.0:
                 layer.parts.append(_Part(src, item.weight_for(kohya), adapter))
-        dora = sum(a.dora_scale is not None for a in item.lora.adapters.values())
+        dora = sum(isinstance(a.variant, DoRAVariant) for a in item.lora.adapters.values())
         if dora:
             notes.append(f"{src}: {dora} DoRA layers are merged by their low-rank direction; the DoRA magnitude "
                          "depends on the model's weights and is not carried over.")

@@ -35,7 +35,7 @@ def fuse(terms: list[Term], device) -> list:
             run.clear()
 
     for term in terms:
-        matrices = term.adapter.matrices32 if term.adapter.dora_scale is None else None
+        matrices = term.adapter.matrices32 if term.adapter.variant.additive else None
         if matrices is not None:
             run.append((matrices, float(term.strength) * term.adapter.low_rank()[2]))
         else:
@@ -54,27 +54,6 @@ def _fused(run: list, device) -> Fused:
     return Fused(factors.up, factors.down, 1.0)
 
 
-def dora_decompose(weight: torch.Tensor, dora_scale: torch.Tensor, delta: torch.Tensor,
-                   strength: float) -> torch.Tensor:
-    """DoRA, exactly as ComfyUI v0.8.0's weight_decompose (including which norm it takes)."""
-    dora_scale = dora_scale.to(device=weight.device, dtype=torch.float32)
-    calc = weight + delta.type(weight.dtype)
-    if dora_scale.shape[0] == calc.shape[0]:
-        norm = weight.reshape(weight.shape[0], -1).norm(dim=1, keepdim=True)
-        norm = norm.reshape(weight.shape[0], *[1] * (weight.dim() - 1))
-    else:
-        norm = calc.transpose(0, 1).reshape(calc.shape[1], -1).norm(dim=1, keepdim=True)
-        norm = norm.reshape(calc.shape[1], *[1] * (calc.dim() - 1)).transpose(0, 1)
-    norm = norm + torch.finfo(weight.dtype).eps
-    calc *= (dora_scale / norm).type(weight.dtype)
-    if strength != 1.0:
-        calc -= weight
-        weight += strength * calc
-    else:
-        weight[:] = calc
-    return weight
-
-
 def apply_terms(weight: torch.Tensor, terms: list[Term], strength: float = 1.0) -> torch.Tensor:
     """Add every term's delta to `weight` IN PLACE (it may be a narrowed view) and return it."""
     work = weight if weight.dtype == torch.float32 else weight.float()
@@ -83,11 +62,7 @@ def apply_terms(weight: torch.Tensor, terms: list[Term], strength: float = 1.0) 
             work.view(work.shape[0], -1).addmm_(step.up, step.down, alpha=step.scale * float(strength))
             continue
         s = float(step.strength) * float(strength)
-        delta = step.adapter.delta(work.shape, work.device)
-        if step.adapter.dora_scale is not None:
-            work = dora_decompose(work, step.adapter.dora_scale, delta, s)
-        else:
-            work.add_(delta, alpha=s)
+        work = step.adapter.variant.apply(work, step.adapter.delta(work.shape, work.device), s)
     if work is not weight:
         weight.copy_(work.to(weight.dtype))
     return weight

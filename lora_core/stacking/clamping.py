@@ -20,6 +20,7 @@ from typing import Union
 
 import torch
 
+from ..formats.variants import all_additive
 from ..patching.block_weights import BASE
 from ..patching.weight_patch import apply_terms
 from ..values import Target, Term
@@ -209,7 +210,7 @@ def layer_change_ratio(weight: torch.Tensor, terms: Sequence[Term], weight_norm:
                              f"{tuple(weight.shape)}; pass the weight of the layer the terms were planned for")
     if weight_norm is None:
         weight_norm = float(torch.linalg.vector_norm(weight, dtype=torch.float32))
-    if _has_dora(terms):
+    if not all_additive(terms):
         w32 = weight.to(torch.float32)
         change = float(torch.linalg.vector_norm(apply_terms(w32.clone(), list(terms)) - w32))
     else:
@@ -221,10 +222,6 @@ def _share(change: float, weight_norm: float) -> float:
     if weight_norm == 0.0:
         return math.inf if change > 0.0 else 0.0
     return change / weight_norm
-
-
-def _has_dora(terms: Sequence[Term]) -> bool:
-    return any(t.adapter.dora_scale is not None for t in terms)
 
 
 @dataclass(frozen=True)
@@ -273,7 +270,7 @@ def cap_layers(layers: Mapping[Target, Sequence[Term]], weights: WeightSource,
         if not terms:
             continue
         norm = weight_norms(target) if weight_norms is not None else None
-        if norm is not None and not _has_dora(terms):
+        if norm is not None and all_additive(terms):
             # Factors and a known ||W|| are enough: the weight itself is not read.
             before = _share(frobenius.terms_norm(terms), norm)
         else:
@@ -282,7 +279,7 @@ def cap_layers(layers: Mapping[Target, Sequence[Term]], weights: WeightSource,
             continue
         factor = cap / before
         after = cap  # the change is linear in a common factor on additive terms
-        if _has_dora(terms):
+        if not all_additive(terms):
             weight = host_weight(weights, target)
             after = layer_change_ratio(weight, _scaled(terms, factor), norm)
             for _ in range(_NONLINEAR_CAP_STEPS):

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..formats.variants import all_additive
 from ..patching.factors import stack_factors
 from ..patching.weight_patch import apply_terms
 from ..values import Target, Term
@@ -79,7 +80,7 @@ def terms_top(terms: Sequence[Term], weight: Callable[[], torch.Tensor] | None =
     for DoRA terms, whose change depends on it."""
     if not terms:
         return 0.0
-    if any(t.adapter.dora_scale is not None for t in terms):
+    if not all_additive(terms):
         if weight is None:
             raise ValueError("a DoRA layer's change depends on its weight: pass the weight")
         w32 = weight().to(torch.float32)
@@ -178,7 +179,7 @@ def spectral_cap_layers(layers: Mapping[Target, Sequence[Term]], weights: Weight
         if before is None or math.isinf(before):
             continue
         factor, after = cap / before, cap
-        if any(t.adapter.dora_scale is not None for t in terms):  # not linear in a common factor
+        if not all_additive(terms):  # not linear in a common factor
             sigma = spectra.exact(target)
             after = terms_top(_scaled(terms, factor), weight) / sigma
             for _ in range(_NONLINEAR_CAP_STEPS):

@@ -86,7 +86,7 @@ def _build(entries: Sequence[tuple[str, MatchResult]]) -> StackShape | None:
         targets: dict[Target, None] = {}
         for patch in match.patches:
             adapter = patch.adapter
-            if patch.target in targets or adapter.dora_scale is not None or adapter.low_rank() is None:
+            if patch.target in targets or not adapter.variant.additive or adapter.low_rank() is None:
                 return None
             targets[patch.target] = None
             members.setdefault(patch.target, []).append((index, adapter))
