@@ -17,6 +17,7 @@ from .errors import (
     LoRAError,
     LoRAFileError,
     LoRAFileNotFoundError,
+    LoRASettingsError,
     LoRAShapeError,
     UnsafePathError,
     WrongBaseModelError,
@@ -56,7 +57,7 @@ __all__ = [
     # sub-packages and shared modules
     "caches", "errors", "formats", "merging", "patching", "values",
     # errors a user can act on
-    "LoRAError", "LoRAFileError", "LoRAFileNotFoundError", "LoRAShapeError", "UnsafePathError",
+    "LoRAError", "LoRAFileError", "LoRAFileNotFoundError", "LoRASettingsError", "LoRAShapeError", "UnsafePathError",
     "WrongBaseModelError",
     # files
     "ADAPTER_CLASSES", "Adapter", "LoHaAdapter", "LoKrAdapter", "LowRankAdapter", "claim_adapter",

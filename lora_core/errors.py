@@ -17,6 +17,11 @@ class LoRAShapeError(LoRAError):
     """A LoRA's tensors disagree with each other or with the layer they target."""
 
 
+class LoRASettingsError(LoRAError):
+    """A setting is out of range or unknown: strengths, clamps and caps, an optimizer, a schedule, training
+    targets, a stack's rows and names, or what a node must be given."""
+
+
 class WrongBaseModelError(LoRAError):
     """Nothing (or almost nothing) in the LoRA matches the model it was applied to."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..lora_core import format_report, plan_layers
+from ..lora_core.errors import LoRASettingsError
 from ..lora_core.formats.metadata import join_trigger_words
 from ..lora_core.patching.block_weights import BASE, model_block_strengths, resolve_block_weights, strength_at
 from .comfy_bridge import MERGE, MODES, apply_layers, match_on_host
@@ -58,7 +59,7 @@ class LoadLoRA(io.ComfyNode):
     def execute(cls, lora_name, strength_model, strength_clip, mode, model=None, clip=None, block_weights=""):
         check_inputs(cls, locals())  # NaN / inf / out of range: an error before any work
         if model is None and clip is None:
-            raise ValueError("Load LoRA: connect a MODEL, a CLIP, or both.")
+            raise LoRASettingsError("Load LoRA: connect a MODEL, a CLIP, or both.")
         lora = load_named_lora(lora_name)
         result = match_on_host(lora, model, clip)
         # BlockWeightError (a LoRAError) names the text that cannot be read

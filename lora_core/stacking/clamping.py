@@ -20,6 +20,7 @@ from typing import Union
 
 import torch
 
+from ..errors import LoRASettingsError, LoRAShapeError
 from ..formats.variants import all_additive
 from ..patching.block_weights import BASE
 from ..patching.weight_patch import apply_terms
@@ -63,18 +64,18 @@ class ClampSettings:
     use_layer_cap: bool = True
 
     def validate(self) -> "ClampSettings":
-        """Raise ValueError naming the bad value; only the values of rules that are on are checked."""
+        """Raise LoRASettingsError (a ValueError) naming the bad value; only the values of rules that are on are checked."""
         if self.clamp_weights:
             for label, value in (("weight_min", self.weight_min), ("weight_max", self.weight_max)):
                 if not _finite(value):
-                    raise ValueError(f"{label} must be a finite number, got {value!r}")
+                    raise LoRASettingsError(f"{label} must be a finite number, got {value!r}")
             if self.weight_min > self.weight_max:
-                raise ValueError(f"weight_min ({self.weight_min:g}) is above weight_max ({self.weight_max:g}); "
+                raise LoRASettingsError(f"weight_min ({self.weight_min:g}) is above weight_max ({self.weight_max:g}); "
                                  "the allowed range would be empty")
         if self.use_budget and not (_finite(self.budget) and self.budget > 0):
-            raise ValueError(f"budget must be a finite number above 0, got {self.budget!r}")
+            raise LoRASettingsError(f"budget must be a finite number above 0, got {self.budget!r}")
         if self.use_layer_cap and not (_finite(self.layer_cap) and self.layer_cap > 0):
-            raise ValueError(f"layer_cap must be a finite number above 0, got {self.layer_cap!r} "
+            raise LoRASettingsError(f"layer_cap must be a finite number above 0, got {self.layer_cap!r} "
                              "(it is a share of ||W||: 0.1 = 10%)")
         return self
 
@@ -116,7 +117,7 @@ def clamp_strengths(entries: Sequence[StackEntry], settings: ClampSettings | Non
         for label in ("strength_model", "strength_clip"):
             value = getattr(entry, label)
             if not _finite(value):
-                raise ValueError(f"stack row {i + 1} ('{entry.name}'): {label} is {value!r}; "
+                raise LoRASettingsError(f"stack row {i + 1} ('{entry.name}'): {label} is {value!r}; "
                                  "strengths must be finite numbers")
         row = EffectiveStrength(entry.name, float(entry.strength_model), float(entry.strength_clip), 0.0, 0.0,
                                 enabled=bool(entry.enabled))
@@ -206,7 +207,7 @@ def layer_change_ratio(weight: torch.Tensor, terms: Sequence[Term], weight_norm:
     cols = weight.numel() // rows if rows else 0
     for term in terms:
         if term.adapter.target_shape_2d() != (rows, cols):
-            raise ValueError(f"a {term.adapter.name} term is {term.adapter.target_shape_2d()} but the weight is "
+            raise LoRAShapeError(f"a {term.adapter.name} term is {term.adapter.target_shape_2d()} but the weight is "
                              f"{tuple(weight.shape)}; pass the weight of the layer the terms were planned for")
     if weight_norm is None:
         weight_norm = float(torch.linalg.vector_norm(weight, dtype=torch.float32))
@@ -245,7 +246,7 @@ def host_weight(weights: WeightSource, target: Target) -> torch.Tensor:
     else:
         weight = weights.get(target.key)
     if weight is None:
-        raise ValueError(f"no host weight given for layer '{target.key}'"
+        raise LoRASettingsError(f"no host weight given for layer '{target.key}'"
                          + (f" (slice {target.offset})" if target.offset else ""))
     if target.offset is not None and weight.shape[target.offset[0]] != target.offset[2]:
         weight = target.narrow(weight)  # the whole fused weight was given: take our slice of it
@@ -262,7 +263,7 @@ def cap_layers(layers: Mapping[Target, Sequence[Term]], weights: WeightSource,
     target's weight (e.g. memoised by the host), so unchanged weights are not re-read.
     """
     if not (_finite(cap) and cap > 0):
-        raise ValueError(f"layer cap must be a finite number above 0, got {cap!r}")
+        raise LoRASettingsError(f"layer cap must be a finite number above 0, got {cap!r}")
     new_layers: dict[Target, list[Term]] = {}
     capped: list[CappedLayer] = []
     for target, terms in layers.items():

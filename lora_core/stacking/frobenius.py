@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import LoRAShapeError
 from ..formats.adapters import Adapter
 from ..patching.factors import stack_factors
 from ..values import Term
@@ -44,7 +45,7 @@ class FactoredDelta:
 def factor_terms(terms: Sequence[Term]) -> FactoredDelta:
     """Gather a term list's factors (small copies; no dense matrix unless an adapter needs one)."""
     if not terms:
-        raise ValueError("factor_terms: the term list is empty; a layer needs at least one term")
+        raise LoRAShapeError("factor_terms: the term list is empty; a layer needs at least one term")
     shape = terms[0].adapter.target_shape_2d()
     device = _first_device(terms)
     parts = []
@@ -52,7 +53,7 @@ def factor_terms(terms: Sequence[Term]) -> FactoredDelta:
     for term in terms:
         this_shape = term.adapter.target_shape_2d()
         if this_shape != shape:
-            raise ValueError(f"terms of one layer disagree in size: {shape} vs {this_shape} "
+            raise LoRAShapeError(f"terms of one layer disagree in size: {shape} vs {this_shape} "
                              f"({term.adapter.name} adapter)")
         s = float(term.strength)
         matrices = term.adapter.matrices32
@@ -81,7 +82,7 @@ def _first_device(terms: Sequence[Term]) -> torch.device:
 def inner(a: FactoredDelta, b: FactoredDelta) -> float:
     """<delta_a, delta_b>_F of two factored deltas of the same layer."""
     if a.shape != b.shape:
-        raise ValueError(f"cannot compare deltas of different sizes: {a.shape} vs {b.shape}")
+        raise LoRAShapeError(f"cannot compare deltas of different sizes: {a.shape} vs {b.shape}")
     device = next((t.device for t in (a.up, a.dense, b.up, b.dense) if t is not None), torch.device("cpu"))
     au, ad, ax = (None if t is None else t.to(device) for t in (a.up, a.down, a.dense))
     bu, bd, bx = (None if t is None else t.to(device) for t in (b.up, b.down, b.dense))

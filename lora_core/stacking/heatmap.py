@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import caches
+from ..errors import LoRASettingsError, LoRAShapeError
 
 CELL = 40  # px per cell: room for "-0.83" in the default font
 PAD = 8
@@ -108,9 +109,9 @@ def _grid(rows: Sequence[str], cols: Sequence[str], values) -> torch.Tensor:
     try:
         grid = torch.as_tensor(values, dtype=torch.float64)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"heatmap values must be a {len(rows)} x {len(cols)} table of numbers: {e}") from e
+        raise LoRASettingsError(f"heatmap values must be a {len(rows)} x {len(cols)} table of numbers: {e}") from e
     if tuple(grid.shape) != (len(rows), len(cols)):
-        raise ValueError(f"heatmap values are {tuple(grid.shape)} but there are {len(rows)} rows "
+        raise LoRAShapeError(f"heatmap values are {tuple(grid.shape)} but there are {len(rows)} rows "
                          f"and {len(cols)} columns")
     return grid
 

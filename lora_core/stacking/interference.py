@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Union
 
+from ..errors import LoRASettingsError
 from ..patching.plan import plan_layers
 from ..values import Target, Term
 from . import frobenius
@@ -72,7 +73,7 @@ def _cosine(dot: float, na: float, nb: float) -> float:
 def top_overlaps(overlaps: Sequence[LayerOverlap], n: int = 10) -> list[LayerOverlap]:
     """The n strongest overlaps by |cosine|: both piling up (+) and cancelling (-) are interference."""
     if n < 0:
-        raise ValueError(f"n must be 0 or more, got {n}")
+        raise LoRASettingsError(f"n must be 0 or more, got {n}")
     ranked = [o for o in overlaps if not math.isnan(o.cosine)]
     ranked.sort(key=lambda o: abs(o.cosine), reverse=True)
     return ranked[:n]
@@ -96,7 +97,7 @@ def _check_names(target: Target, terms: Sequence[Term], names: Mapping[Target, S
     labels = names.get(target)
     if labels is None or len(labels) != len(terms):
         got = "none" if labels is None else len(labels)
-        raise ValueError(f"layer '{target.key}' has {len(terms)} terms but {got} LoRA names; "
+        raise LoRASettingsError(f"layer '{target.key}' has {len(terms)} terms but {got} LoRA names; "
                          "give one name per term, in the same order")
     return labels
 
@@ -132,7 +133,7 @@ def names_from_per_lora(layers: Mapping[Target, Sequence[Term]],
     for target, terms in layers.items():
         expected = [(n, t.adapter) for n, lay in per_lora.items() if target in lay for t in _as_terms(lay[target])]
         if len(expected) != len(terms) or any(a is not t.adapter for (_, a), t in zip(expected, terms)):
-            raise ValueError(f"layer '{target.key}': its {len(terms)} terms do not line up with the per-LoRA "
+            raise LoRASettingsError(f"layer '{target.key}': its {len(terms)} terms do not line up with the per-LoRA "
                              f"plans ({len(expected)} terms); plan both from the same LoRAs in the same order")
         names[target] = [n for n, _ in expected]
     return names

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from ..errors import LoRASettingsError
 from ..formats.variants import all_additive
 from ..patching.factors import stack_factors
 from ..patching.weight_patch import apply_terms
@@ -82,7 +83,7 @@ def terms_top(terms: Sequence[Term], weight: Callable[[], torch.Tensor] | None =
         return 0.0
     if not all_additive(terms):
         if weight is None:
-            raise ValueError("a DoRA layer's change depends on its weight: pass the weight")
+            raise LoRASettingsError("a DoRA layer's change depends on its weight: pass the weight")
         w32 = weight().to(torch.float32)
         return _matrix_top(apply_terms(w32.clone(), list(terms)) - w32)
     factored = factor_terms(terms)
@@ -143,7 +144,7 @@ class WeightSpectra:
 
 def check_cap(cap: float) -> None:
     if not (_finite(cap) and cap > 0):
-        raise ValueError(f"spectral cap must be a finite number above 0, got {cap!r} "
+        raise LoRASettingsError(f"spectral cap must be a finite number above 0, got {cap!r} "
                          "(a share of the weight's largest singular value: 0.5 = half)")
 
 

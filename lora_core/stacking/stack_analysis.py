@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .. import caches
+from ..errors import LoRASettingsError
 from ..formats.adapters import Adapter
 from ..patching.block_weights import strength_at
 from ..patching.matching import MatchResult
@@ -205,7 +206,7 @@ def _decorrelate(active, names, cosines, layers) -> list[Decorrelated]:
 def _cap(active, layers, cap: float, weight_norms) -> list[CappedLayer]:
     """cap_layers() with known weight norms: the combined change is sqrt(s^T G s)."""
     if weight_norms is None:
-        raise ValueError("the layer cap needs the weights' norms (weight_norms)")
+        raise LoRASettingsError("the layer cap needs the weights' norms (weight_norms)")
     capped = []
     for layer, pos, s in active:
         total = 0.0
@@ -228,7 +229,7 @@ def _spectral(shape: StackShape, active, layers, cap: float, spectra) -> list[Ca
     per stack (memoised in the shape); a run forms the R x R core at its strengths and takes its top
     singular value. Runs after the other rules, on the strengths they left."""
     if spectra is None:
-        raise ValueError("the spectral cap needs the weights' top singular values (spectra)")
+        raise LoRASettingsError("the spectral cap needs the weights' top singular values (spectra)")
     spectral_cap_math.check_cap(cap)
     capped = []
     for layer, pos, _ in active:

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ..errors import LoRASettingsError
+
 CONSTANT, COSINE = "constant", "cosine"
 SCHEDULES = [CONSTANT, COSINE]
 ADAMW, ADAM, SGD, PRODIGY, ADAMW_8BIT = "adamw", "adam", "sgd", "prodigy", "adamw8bit"
@@ -74,9 +76,9 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
     why = optimizer_support().get(name, "unknown")
     if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer '{name}' unknown; choose one of {OPTIMIZERS}.")
+        raise LoRASettingsError(f"optimizer '{name}' unknown; choose one of {OPTIMIZERS}.")
     if why is not None:
-        raise ValueError(f"optimizer '{name}' cannot run here: {why}. Choose one of {available_optimizers()}.")
+        raise LoRASettingsError(f"optimizer '{name}' cannot run here: {why}. Choose one of {available_optimizers()}.")
     if name == PRODIGY:
         from prodigyopt import Prodigy
         # The Prodigy authors' advice for diffusion models: bias correction and a safeguarded warm-up.
@@ -96,4 +98,4 @@ def lr_factor(step: int, total: int, schedule: str, warmup: int) -> float:
         span = max(1, total - warmup)
         progress = min(1.0, (step - warmup) / span)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"LR schedule '{schedule}' unknown; choose one of {SCHEDULES}.")
+    raise LoRASettingsError(f"LR schedule '{schedule}' unknown; choose one of {SCHEDULES}.")

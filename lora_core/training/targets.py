@@ -1,6 +1,7 @@
 """Which layers of a host model a new LoRA trains: named presets over weight keys, per family."""
 from __future__ import annotations
 
+from ..errors import LoRASettingsError
 from ..formats.families import UNKNOWN, family
 
 ATTENTION, ATTENTION_FF = "attention", "attention + feed-forward"
@@ -15,7 +16,7 @@ def select_targets(weight_shapes: dict[str, tuple], preset: str = ATTENTION, fam
     attention (and feed-forward) linears by that family's own module names.
     """
     if preset not in PRESETS:
-        raise ValueError(f"targets '{preset}' unknown; choose one of {PRESETS}.")
+        raise LoRASettingsError(f"targets '{preset}' unknown; choose one of {PRESETS}.")
     entry = family(family_name)
     keys = []
     for key, shape in weight_shapes.items():

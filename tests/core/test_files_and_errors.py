@@ -155,3 +155,26 @@ def test_the_pack_caches_are_listed_in_one_place_and_can_be_emptied(tmp_path):
     assert load_lora(str(path)) is not first
     with pytest.raises(KeyError, match="unknown caches"):
         caches.clear("no_such_cache")
+
+
+def test_settings_and_shape_errors_are_lora_errors_with_their_messages():
+    """One error vocabulary: stacking, heatmap and training settings raise LoRAError subclasses (still
+    ValueErrors, so callers that caught ValueError keep working)."""
+    from lora_core.errors import LoRAError, LoRASettingsError, LoRAShapeError
+    from lora_core.stacking.clamping import ClampSettings
+    from lora_core.stacking.heatmap import render_heatmap
+    from lora_core.training import make_optimizer, select_targets
+    from lora_core.training.schedule import lr_factor
+
+    cases = [
+        (lambda: ClampSettings(budget=0.0).validate(), LoRASettingsError, "budget must be a finite number above 0"),
+        (lambda: select_targets({}, "no_such_preset"), LoRASettingsError, "targets 'no_such_preset' unknown"),
+        (lambda: make_optimizer("no_such_optimizer", [], 1e-4, 0.0), LoRASettingsError,
+         "optimizer 'no_such_optimizer' unknown"),
+        (lambda: lr_factor(0, 10, "no_such_schedule", 0), LoRASettingsError, "LR schedule 'no_such_schedule' unknown"),
+        (lambda: render_heatmap(["a"], ["b", "c"], [[0.5]]), LoRAShapeError, r"heatmap values are \(1, 1\)"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message) as err:
+            call()
+        assert isinstance(err.value, LoRAError) and isinstance(err.value, ValueError)
