@@ -1,3 +1,4 @@
+// @ts-check
 // LoRA Workbench: helpers shared by the pack's extensions (no extension is registered here).
 // ComfyUI imports every .js file of web/ as a module; this one only exports.
 import { app } from "../../scripts/app.js";
@@ -305,95 +306,14 @@ export function showPicker(anchor, values, current, onPick) {
   return panel;
 }
 
-// ---------------------------------------------------------------- styles
-
-const STYLE = `
-.lw-root { box-sizing: border-box; font: 12px/1.35 Inter, Arial, sans-serif; color: var(--input-text, #ddd);
-  overflow: hidden; display: flex; flex-direction: column; gap: 4px; }
-.lw-root *, .lw-panel * { box-sizing: border-box; }
-.lw-muted { color: var(--descrip-text, #999); }
-.lw-label { color: var(--descrip-text, #999); min-width: 52px; display: inline-block; }
-.lw-btn { background: var(--comfy-input-bg, #222); color: var(--input-text, #ddd); border: 1px solid var(--border-color, #444);
-  border-radius: 6px; padding: 2px 7px; cursor: pointer; font: inherit; line-height: 18px; }
-.lw-btn:hover:not(:disabled) { border-color: var(--descrip-text, #999); }
-.lw-btn:disabled { opacity: .45; cursor: default; }
-.lw-icon { padding: 0 5px; min-width: 22px; }
-.lw-icon .pi, .lw-handle .pi { font-size: 10px; }
-.lw-chip { background: var(--comfy-input-bg, #222); color: var(--input-text, #ddd); border: 1px solid var(--border-color, #444);
-  border-radius: 10px; padding: 0 8px; margin: 0 4px 2px 0; font: inherit; cursor: copy; line-height: 18px; }
-.lw-chip:hover { border-color: #7aa2f7; color: #fff; }
-.lw-chips { display: inline-flex; flex-wrap: wrap; }
-
-.lw-rows { gap: 6px; }
-.lw-row { border: 1px solid var(--border-color, #444); border-radius: 8px; padding: 4px 6px; display: flex;
-  flex-direction: column; gap: 3px; background: color-mix(in srgb, var(--comfy-input-bg, #222) 55%, transparent); }
-.lw-row.lw-off { opacity: .55; }
-.lw-row.lw-drop-target { border-color: #7aa2f7; }
-.lw-row-head { display: flex; align-items: center; gap: 4px; }
-.lw-handle { cursor: grab; color: var(--descrip-text, #999); padding: 0 2px; user-select: none; }
-.lw-index { color: var(--descrip-text, #999); width: 12px; text-align: right; }
-.lw-pick { flex: 1; min-width: 0; text-align: left; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.lw-pick.lw-none { color: var(--descrip-text, #999); font-style: italic; }
-.lw-linked { flex: 1; color: #9ece6a; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-.lw-toggle { appearance: none; width: 26px; height: 14px; border-radius: 7px; background: #555; position: relative;
-  cursor: pointer; margin: 0 2px; flex: none; }
-.lw-toggle::after { content: ""; position: absolute; top: 2px; left: 2px; width: 10px; height: 10px; border-radius: 50%;
-  background: #ddd; transition: left .12s; }
-.lw-toggle:checked { background: #3d7bd9; }
-.lw-toggle:checked::after { left: 14px; }
-.lw-strength { display: grid; grid-template-columns: 40px 1fr 54px 62px; align-items: center; gap: 4px; }
-.lw-strength input[type=range] { width: 100%; height: 14px; accent-color: #3d7bd9; margin: 0; }
-.lw-num { width: 54px; background: var(--comfy-input-bg, #222); color: var(--input-text, #ddd);
-  border: 1px solid var(--border-color, #444); border-radius: 4px; font: inherit; padding: 0 3px; }
-.lw-eff { font-variant-numeric: tabular-nums; color: var(--descrip-text, #999); white-space: nowrap; }
-.lw-eff.lw-clamped { color: #e0af68; }
-.lw-eff.lw-stale { opacity: .5; }
-.lw-blocks { display: grid; grid-template-columns: 40px 1fr auto; align-items: center; gap: 4px; }
-.lw-blocks-text { min-width: 0; background: var(--comfy-input-bg, #222); color: var(--input-text, #ddd);
-  border: 1px solid var(--border-color, #444); border-radius: 4px; font: 11px/16px ui-monospace, monospace; padding: 0 4px; }
-.lw-footer { display: flex; align-items: center; gap: 6px; }
-.lw-footer .lw-muted { margin-left: auto; }
-
-.lw-panel { position: fixed; z-index: 10000; background: var(--comfy-menu-bg, #353535); color: var(--input-text, #ddd);
-  border: 1px solid var(--border-color, #4e4e4e); border-radius: 8px; padding: 8px 10px; box-shadow: 0 6px 24px #0008;
-  font: 12px/1.4 Inter, Arial, sans-serif; max-height: 60vh; overflow: auto; }
-.lw-info { display: flex; flex-direction: column; gap: 4px; }
-.lw-info-title { font-weight: 600; font-size: 13px; }
-.lw-info-row { display: flex; gap: 6px; align-items: baseline; }
-.lw-info-error { color: #f7768e; }
-.lw-picker { padding: 6px; }
-.lw-picker-filter { width: 100%; background: var(--comfy-input-bg, #222); color: var(--input-text, #ddd);
-  border: 1px solid var(--border-color, #444); border-radius: 4px; padding: 3px 6px; font: inherit; margin-bottom: 4px; }
-.lw-picker-list { max-height: 260px; overflow: auto; }
-.lw-picker-item { padding: 2px 6px; border-radius: 4px; cursor: pointer; white-space: nowrap; overflow: hidden;
-  text-overflow: ellipsis; }
-.lw-picker-item.lw-active { background: #3d7bd955; }
-.lw-picker-item.lw-current { font-weight: 600; }
-
-.lw-inline-info { padding: 4px 6px; border: 1px solid var(--border-color, #444); border-radius: 8px; overflow: auto; }
-
-.lw-train { gap: 4px; }
-.lw-train-status { display: flex; gap: 10px; font-variant-numeric: tabular-nums; flex-wrap: wrap; }
-.lw-train-status b { font-weight: 600; color: var(--input-text, #ddd); }
-.lw-train-chart { width: 100%; flex: 1; min-height: 90px; border-radius: 6px; background: #0003; display: block; }
-.lw-train-samples { display: flex; gap: 4px; overflow-x: auto; min-height: 0; }
-.lw-train-samples figure { margin: 0; text-align: center; color: var(--descrip-text, #999); font-size: 10px; }
-.lw-train-samples img { width: 56px; height: 56px; object-fit: cover; border-radius: 4px; display: block; image-rendering: pixelated; }
-
-.lw-report { gap: 4px; }
-.lw-report-body { display: flex; flex-direction: column; gap: 4px; min-height: 0; }
-.lw-report-body.lw-fill { flex: 1; }
-.lw-report-summary { white-space: normal; }
-.lw-report table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
-.lw-report td { padding: 1px 4px; white-space: nowrap; }
-.lw-report td.lw-layer { overflow: hidden; text-overflow: ellipsis; max-width: 200px; color: var(--descrip-text, #999); }
-.lw-bar { height: 8px; background: #e0af68; border-radius: 2px; min-width: 1px; }
-.lw-report pre { margin: 0; white-space: pre-wrap; font: 11px/1.35 ui-monospace, monospace; overflow: auto; flex: 1; }
-`;
+// ---------------------------------------------------------------- styles (web/lw_workbench.css)
 
 let styled = false;
+/** Load web/lw_workbench.css once (a <link> beside this module); lw_common.js calls it when imported. */
 export function injectStyle() {
-  if (styled) return;
+  if (styled || document.getElementById("lora-workbench-style")) return;
   styled = true;
-  document.head.append(h("style", { id: "lora-workbench-style" }, STYLE));
+  document.head.append(h("link", { id: "lora-workbench-style", rel: "stylesheet",
+    href: new URL("./lw_workbench.css", import.meta.url).href }));
 }
+injectStyle();

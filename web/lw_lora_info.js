@@ -1,3 +1,4 @@
+// @ts-check
 // LoRA Workbench: what the picked LoRA says about itself, on Load LoRA.
 //
 // A panel under the widgets shows trigger words (click one to copy it), base model family,

@@ -1,3 +1,4 @@
+// @ts-check
 // LoRA Workbench: run reports on the nodes, after a run (onExecuted).
 //
 // Merge LoRA: the per-layer error summary (ui output lw_merge) and the worst layers of its report

@@ -1,3 +1,4 @@
+// @ts-check
 // LoRA Workbench: row editor for Stack LoRA (6 rows) and Merge LoRA (4 rows).
 //
 // The nodes keep fixed rows of plain widgets (lora_N, on_N, strength_model_N, strength_clip_N)

@@ -1,3 +1,4 @@
+// @ts-check
 // LoRA Workbench: live training view on Train LoRA.
 //
 // A loss chart that grows with every 'lw.train.progress' event the node sends
@@ -35,8 +36,10 @@ function reset(node, state = "running") {
 
 // ---------------------------------------------------------------- drawing
 
+/** Exponential moving average. @param {number[]} values @param {number} alpha @returns {number[]} */
 function ema(values, alpha) {
   const out = [];
+  /** @type {number | null} */
   let value = null;
   for (const v of values) {
     value = value === null ? v : alpha * v + (1 - alpha) * value;
