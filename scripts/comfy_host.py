@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -74,6 +75,8 @@ FIXTURE_LINK_NAME = "lw_test_fixture"
 INSTALL_STAMP = ".lw_install.json"
 VENV_STAMP = ".lw_requirements.sha256"
 MODELS_STAMP = ".lw_tiny_models.json"
+TOY_WORLD = CHECKOUT / "tests" / "host_fixture" / "toy_world"
+TOY_WORLD_STAMP = ".lw_toy_world.json"
 
 
 class HostError(Exception):
@@ -333,6 +336,51 @@ def ensure_models(host: Host) -> None:
     stamp.write_text(json.dumps({"hash": wanted, "files": files}, indent=1) + "\n")
 
 
+TOY_LORA_SOURCES = ("quality.py", "demo_loras.py")
+
+
+def toy_world_hashes() -> tuple[str, str]:
+    """Cache keys: the models' (build.py's recipe hash: their sources and the tiny configs, with
+    ComfyUI's version), and the example LoRAs' (the models' key, the scripts that train them and the
+    pack's training code)."""
+    spec = importlib.util.spec_from_file_location("lw_toy_world_build", TOY_WORLD / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)  # standard library only at import
+    models = sha256_bytes(build.recipe_hash().encode(), COMFYUI_VERSION.encode())
+    training = sorted((CHECKOUT / "lora_core" / "training").glob("*.py")) + [CHECKOUT / "nodes" / "train_lora.py"]
+    loras = sha256_bytes(models.encode(), *((TOY_WORLD / name).read_bytes() for name in TOY_LORA_SOURCES),
+                         *(path.read_bytes() for path in training))
+    return models, loras
+
+
+def ensure_toy_world(host: Host) -> None:
+    """Train the toy world's models (about 15 minutes on 2 cores) and its example LoRAs (about a
+    minute), each unless its stamp matches."""
+    models = host.comfyui / "models"
+    stamp = models / TOY_WORLD_STAMP
+    wanted = dict(zip(("models", "loras"), toy_world_hashes()))
+    recorded = json.loads(stamp.read_text()) if stamp.is_file() else {}
+
+    def current(part: str) -> bool:
+        entry = recorded.get(part, {})
+        return entry.get("hash") == wanted[part] and all((models / f).is_file() for f in entry.get("files", []))
+
+    steps = (("models", "training the toy world's models (about 15 minutes on 2 cores, once; cached until its "
+                        "recipe changes)", [TOY_WORLD / "build.py", "--comfyui", host.comfyui, "--models-dir", models,
+                                            "--input-dir", host.comfyui / "input"]),
+             ("loras", "training the toy world's example LoRAs with Train LoRA (about a minute)",
+              [TOY_WORLD / "demo_loras.py", "--comfyui", host.comfyui]))
+    for part, message, command in steps:
+        if part == "models" and current("models"):
+            continue
+        if part == "loras" and current("loras") and current("models"):
+            continue
+        log(message)
+        out = run([host.python, *command], stdout=subprocess.PIPE, text=True)
+        recorded[part] = {"hash": wanted[part], "files": json.loads(out.stdout.strip().splitlines()[-1])}
+        stamp.write_text(json.dumps(recorded, indent=1) + "\n")
+
+
 def existing_host() -> Host | None:
     path = os.environ.get("COMFYUI_PATH")
     if not path:
@@ -357,6 +405,7 @@ def install(source: str | None = None) -> Host:
         ensure_link(custom_nodes / PACK_LINK_NAME, CHECKOUT, host.managed)
         ensure_link(custom_nodes / FIXTURE_LINK_NAME, FIXTURE_PACK, host.managed)
         ensure_models(host)
+        ensure_toy_world(host)
     return host
 
 

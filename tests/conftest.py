@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -313,6 +314,9 @@ def comfy_server_process(host_install, host_dirs, tmp_path_factory) -> subproces
     extra_paths = work / "extra_model_paths.yaml"
     # JSON is YAML; is_default makes files the nodes write land in the session folder, not the install.
     extra_paths.write_text(json.dumps({"lw_tests": {"loras": str(host_dirs["loras"]), "is_default": True}}))
+    # The toy world's datasets (the example workflows train on them), from the install's input folder.
+    for dataset in (Path(host_install.comfyui) / "input").glob("lw_toy_*"):
+        shutil.copytree(dataset, work / "input" / dataset.name)
     port = _free_port()
     cmd = [str(host_install.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
