@@ -3,7 +3,8 @@ thumbnails (shown by ComfyUI's template browser) in a real browser.
 
 The graphs are built with LiteGraph in ComfyUI's own page and saved with app.graph.serialize(),
 so widget order and values (control_after_generate included) are exactly what the frontend
-writes. Needs a running ComfyUI with this pack and the demo LoRAs (lw_demo_a/b/c):
+writes. Needs a running ComfyUI with this pack and the toy world (its checkpoint, its datasets in
+input/ and its example LoRAs lw_toy/{star,dotted,purple}, all made by scripts/comfy_host.py):
 
     python3 scripts/comfy_host.py serve --port 8188 &
     ~/.cache/lora-workbench/venv-py311/bin/python tests/browser/build_examples.py --url http://127.0.0.1:8188
@@ -47,14 +48,15 @@ window.lwBuild = {
     if (out < 0 || inp < 0) throw new Error(`bad link ${from.type}.${output} -> ${to.type}.${input}`);
     if (!from.connect(out, to, inp)) throw new Error(`cannot link ${from.type}.${output} -> ${to.type}.${input}`);
   },
-  sampler(pos, model, clip, vae, positive, prefix, seed = 42) {
+  // The toy world's sampler settings (tests/host_fixture/toy_world/quality.py SAMPLER): four seeds a prompt.
+  sampler(pos, model, clip, vae, positive, prefix, title = "Positive", seed = 42) {
     const { add, link } = window.lwBuild;
     const [x, y] = pos;
-    const pos_ = add("CLIPTextEncode", [x, y], { text: positive }, "Positive");
-    const neg = add("CLIPTextEncode", [x, y + 250], { text: "blurry, low quality" }, "Negative");
-    const latent = add("EmptyLatentImage", [x, y + 500], { width: 64, height: 64, batch_size: 1 });
-    const ks = add("KSampler", [x + 440, y], { seed, control_after_generate: "fixed", steps: 8, cfg: 4.0,
-      sampler_name: "euler", scheduler: "normal", denoise: 1.0 });
+    const pos_ = add("CLIPTextEncode", [x, y], { text: positive }, title);
+    const neg = add("CLIPTextEncode", [x, y + 220], { text: "" }, "Negative (empty)");
+    const latent = add("EmptyLatentImage", [x, y + 440], { width: 64, height: 64, batch_size: 4 });
+    const ks = add("KSampler", [x + 440, y], { seed, control_after_generate: "fixed", steps: 20, cfg: 3.0,
+      sampler_name: "ddim", scheduler: "ddim_uniform", denoise: 1.0 });
     const decode = add("VAEDecode", [x + 800, y]);
     const save = add("SaveImage", [x + 800, y + 120], { filename_prefix: prefix });
     link(clip[0], clip[1], pos_, "clip");
@@ -71,22 +73,26 @@ window.lwBuild = {
 };
 """
 
+CKPT = "lw_toy_sd15.safetensors"
+TOY_LORAS = {"star": "lw_toy/star.safetensors", "dotted": "lw_toy/dotted.safetensors",
+             "purple": "lw_toy/purple.safetensors"}
+
 BUILDERS = {
     "stack_three_clamped": """
 () => {
   const { add, link, sampler } = window.lwBuild;
-  const ckpt = add("CheckpointLoaderSimple", [40, 120], { ckpt_name: "lw_tiny_sd15.safetensors" });
+  const ckpt = add("CheckpointLoaderSimple", [40, 120], { ckpt_name: "%(ckpt)s" });
   const stack = add("LW_StackLoRA", [420, 60], {
     mode: "merge", clamp_weights: true, weight_min: -1.0, weight_max: 1.0, use_budget: true, budget: 1.5,
     use_layer_cap: true, layer_cap: 0.1, decorrelate: false,
-    lora_1: "lw_demo_a.safetensors", strength_model_1: 1.3, strength_clip_1: 1.0,
-    lora_2: "lw_demo_b.safetensors", strength_model_2: 0.9, strength_clip_2: 0.8,
-    lora_3: "lw_demo_c.safetensors", strength_model_3: 0.7, strength_clip_3: 0.5,
-  }, "Stack LoRA (three, clamped)");
+    lora_1: "%(star)s", strength_model_1: 1.0, strength_clip_1: 1.0,
+    lora_2: "%(dotted)s", strength_model_2: 1.0, strength_clip_2: 1.0,
+    lora_3: "%(purple)s", strength_model_3: 1.0, strength_clip_3: 1.0,
+  }, "Stack LoRA (three toy-world LoRAs, clamped)");
   link(ckpt, "MODEL", stack, "model");
   link(ckpt, "CLIP", stack, "clip");
-  sampler([940, 60], [stack, 0], [stack, 1], [ckpt, 2], "lwdemoa, lwdemob, lwdemoc, a lighthouse on a cliff",
-          "lora_workbench/stack_three");
+  sampler([940, 60], [stack, 0], [stack, 1], [ckpt, 2],
+          "lwstar, lwdots, lwpurple, a purple star on a white background, dotted", "lora_workbench/stack_three");
   const report = add("PreviewAny", [940, 760], {}, "Stack report");
   link(stack, "report", report, "source");
   const heat = add("PreviewImage", [1360, 480], {}, "Interference heatmap");
@@ -96,35 +102,41 @@ BUILDERS = {
     "train_then_stack": """
 () => {
   const { add, link, sampler } = window.lwBuild;
-  const ckpt = add("CheckpointLoaderSimple", [40, 60], { ckpt_name: "lw_tiny_sd15.safetensors" });
-  const blank = add("EmptyImage", [40, 260], { width: 64, height: 64, batch_size: 4, color: 0x2f6fd0 },
-                    "Training images (4 blue squares)");
-  const noise = add("ImageAddNoise", [40, 480], { seed: 7, control_after_generate: "fixed", strength: 0.35 },
-                    "Make them differ");
-  link(blank, 0, noise, "image");
+  const ckpt = add("CheckpointLoaderSimple", [40, 60], { ckpt_name: "%(ckpt)s" });
+  const data = add("LoadImageTextDataSetFromFolder", [40, 260], { folder: "lw_toy_star" },
+                   "Training images: 20 captioned stars");
+  const reg = add("LoadImageTextDataSetFromFolder", [40, 420], { folder: "lw_toy_base" },
+                  "Regularisation: 20 images the base model draws");
   const train = add("LW_TrainLoRA", [420, 40], {
-    captions: "a blue square with speckles", trigger_word: "lwblue", output_name: "lora_workbench_examples/lwblue",
-    scope: "one style: speckled blue (example)", rank: 4, alpha: 4, targets: "attention", steps: 8,
-    learning_rate: 0.001, batch_size: 1, grad_accumulation: 1, optimizer: "adamw", lr_schedule: "constant",
-    warmup_steps: 0, seed: 1, control_after_generate: "fixed", resolution: 64, bucketing: true, noise_offset: 0.0,
+    captions: "", trigger_word: "lwstar", output_name: "lora_workbench_examples/lwstar",
+    scope: "one shape: the toy world's star (example)", rank: 8, alpha: 0, targets: "attention", steps: 300,
+    learning_rate: 0.002, batch_size: 4, grad_accumulation: 1, optimizer: "adamw", lr_schedule: "cosine",
+    warmup_steps: 0, seed: 1, control_after_generate: "fixed", resolution: 64, bucketing: false, noise_offset: 0.0,
     min_snr_gamma: 5.0, gradient_checkpointing: false, training_dtype: "float32", save_every: 0,
-    sample_prompt: "lwblue, a square", sample_every: 4, resume_from: "None",
-  }, "Train LoRA (8 steps, rank 4, 64 px)");
+    sample_prompt: "lwstar, a red star on a grey background", sample_every: 100, resume_from: "None",
+  }, "Train LoRA (300 steps, rank 8, 64 px)");
   link(ckpt, "MODEL", train, "model");
   link(ckpt, "CLIP", train, "clip");
   link(ckpt, "VAE", train, "vae");
-  link(noise, 0, train, "images");
+  link(data, 0, train, "images");
+  link(data, 1, train, "captions");
+  link(reg, 0, train, "reg_images");
+  link(reg, 1, train, "reg_captions");
   const loss = add("PreviewImage", [40, 700], {}, "Loss curve");
   link(train, "loss", loss, "images");
   const stack = add("LW_StackLoRA", [900, 40], {
-    lora_2: "lw_demo_style.safetensors", strength_model_2: 0.6, strength_clip_2: 0.6,
-    strength_model_1: 1.0, strength_clip_1: 0.0,
-  }, "Stack: trained + demo style");
+    lora_2: "%(dotted)s", strength_model_2: 1.0, strength_clip_2: 1.0,
+    strength_model_1: 1.0, strength_clip_1: 1.0,
+  }, "Stack: the new star + the dotted LoRA");
   link(ckpt, "MODEL", stack, "model");
   link(ckpt, "CLIP", stack, "clip");
   link(train, "LORA", stack, "lora_1_in");
-  sampler([1420, 40], [stack, 0], [stack, 1], [ckpt, 2], "lwblue, lwstyle, a lighthouse",
-          "lora_workbench/train_then_stack");
+  const prompt = "lwstar, a red star on a grey background";
+  sampler([1420, 40], [ckpt, 0], [ckpt, 1], [ckpt, 2], prompt, "lora_workbench/demo_1_base", "Base model");
+  sampler([1420, 760], [train, 0], [train, 1], [ckpt, 2], prompt, "lora_workbench/demo_2_trained",
+          "Same seed, trained LoRA");
+  sampler([1420, 1480], [stack, 0], [stack, 1], [ckpt, 2], "lwstar, lwdots, a red star on a grey background, dotted",
+          "lora_workbench/demo_3_stack", "Same seed, stacked with dotted");
 }
 """,
     "merge_three": """
@@ -132,24 +144,26 @@ BUILDERS = {
   const { add, link, sampler } = window.lwBuild;
   const merge = add("LW_MergeLoRA", [40, 60], {
     method: "svd", target_rank: 8, rank_mode: "fixed", energy: 0.95, density: 0.5, seed: 0,
-    control_after_generate: "fixed", output_name: "lora_workbench_examples/merged_abc",
-    scope: "three demo styles merged (example)",
-    lora_1: "lw_demo_a.safetensors", strength_model_1: 1.0, strength_clip_1: 1.0,
-    lora_2: "lw_demo_b.safetensors", strength_model_2: 0.8, strength_clip_2: 0.8,
-    lora_3: "lw_demo_c.safetensors", strength_model_3: 0.6, strength_clip_3: 0.6,
+    control_after_generate: "fixed", output_name: "lora_workbench_examples/merged_toy",
+    scope: "star, dotted and purple merged (example)",
+    lora_1: "%(star)s", strength_model_1: 1.0, strength_clip_1: 1.0,
+    lora_2: "%(dotted)s", strength_model_2: 1.0, strength_clip_2: 1.0,
+    lora_3: "%(purple)s", strength_model_3: 1.0, strength_clip_3: 1.0,
   }, "Merge LoRA (three -> rank 8, saved)");
   const report = add("PreviewAny", [40, 1140], {}, "Merge report");
   link(merge, "report", report, "source");
-  const ckpt = add("CheckpointLoaderSimple", [520, 860], { ckpt_name: "lw_tiny_sd15.safetensors" });
-  const stack = add("LW_StackLoRA", [520, 40], { use_budget: false, weight_max: 2.0 }, "Try the merged LoRA");
+  const ckpt = add("CheckpointLoaderSimple", [520, 860], { ckpt_name: "%(ckpt)s" });
+  const stack = add("LW_StackLoRA", [520, 40], { clamp_weights: false, use_budget: false, use_layer_cap: false },
+                    "Try the merged LoRA (no clamps)");
   link(ckpt, "MODEL", stack, "model");
   link(ckpt, "CLIP", stack, "clip");
   link(merge, "LORA", stack, "lora_1_in");
-  sampler([1040, 40], [stack, 0], [stack, 1], [ckpt, 2], "lwdemoa, lwdemob, lwdemoc, a lighthouse",
-          "lora_workbench/merge_three");
+  sampler([1040, 40], [stack, 0], [stack, 1], [ckpt, 2],
+          "lwstar, lwdots, lwpurple, a purple star on a white background, dotted", "lora_workbench/merge_three");
 }
 """,
 }
+BUILDERS = {name: js % {"ckpt": CKPT, **TOY_LORAS} for name, js in BUILDERS.items()}
 
 
 FIT_ALL = """() => {

@@ -189,10 +189,11 @@ def test_example_workflow_loads_runs_and_shows_its_results(ui, comfy_http, info_
     for file_name in written:  # what the info panel says about the LoRAs the run wrote: their origin
         text = _info_text(ui, file_name)
         if trains:
-            assert "trained in LoRA Workbench on 4 images, 8 steps" in text and "lwblue" in text, text
+            assert "trained in LoRA Workbench on 20 images, 20 regularisation images, 300 steps" in text, text
+            assert "lwstar" in text, text
             ui.screenshot("lora_info_trained", docs=True)
         else:
-            assert "merged (svd) from lw_demo_a.safetensors ×1" in text, text
+            assert "merged (svd) from lw_toy/star.safetensors ×1" in text, text
             ui.screenshot("lora_info_merged", docs=True)
     if path.stem == "stack_three_clamped":
         ui.focus(_nodes(ui, "LW_StackLoRA"), top=100)

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""What a LoRA does, measured on the toy world: concept, scope, against core, stacking, merge.
+
+    python3 benchmarks/quality.py            # full figures (about 10 minutes on 2 cores)
+    python3 benchmarks/quality.py --quick    # fewer samples and steps (about 3 minutes)
+
+Runs in the pinned ComfyUI host's python (re-executes itself like benchmarks/run.py), loads the
+toy world's checkpoint with Load Checkpoint, trains with this pack's Train LoRA node and core's
+TrainLoraNode on the same images, steps and rank, stacks and merges with our nodes, draws with
+KSampler and reads every image with the toy world's detector. Prints a table and writes
+benchmarks/results/quality-<date>.json and quality-latest.md. What each figure means:
+benchmarks/README.md ("Quality on the toy world").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))  # lwbench; never the repo root (its nodes/ would shadow ComfyUI's nodes.py)
+FIXTURES = HERE.parent / "tests" / "host_fixture"
+
+from lwbench import host as hostmod  # noqa: E402
+
+# Goals from issue 16; each figure is printed beside its goal and both sides' numbers.
+GOALS = {"concept": 0.80, "scope": 0.95}
+FIGURE = HERE.parent / "docs" / "images" / "toy_world_quality.png"
+
+
+def log(msg: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer prompts, seeds and steps")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--no-write", action="store_true")
+    return p.parse_args(argv)
+
+
+class Bench:
+    def __init__(self, toy, quality, world, quick: bool):
+        self.toy, self.q, self.world = toy, quality, world
+        self.steps = 300 if quick else 600
+        self.per_prompt = 2 if quick else 4
+        base = world.base_scenes()
+        self.untriggered = base[::8] if quick else base[::3]            # 12 or 32 base scenes
+        self.base_images = {}
+
+    # ------------------------------------------------------------ helpers
+    def draw(self, model, prompts, seed=11):
+        return self.toy.draw(model, prompts, seed, self.per_prompt)
+
+    def base_drawing(self, key, prompts):
+        if key not in self.base_images:
+            self.base_images[key] = self.draw(self.toy.model, prompts)
+        return self.base_images[key]
+
+    def scope(self, model) -> dict:
+        """Untriggered prompts, same seeds: does the model still draw what the base model draws?"""
+        prompts = [s.caption() for s in self.untriggered]
+        base = self.base_drawing("untriggered", prompts)
+        drawn = self.draw(model, prompts)
+        return {"same_detections": round(self.q.agreement(self.toy.read(base), self.toy.read(drawn)), 4),
+                "movement": round(self.q.mean_movement(base, drawn), 4)}
+
+    def concept_scenes(self, concept):
+        scenes = concept.scenes()
+        return scenes[:: max(1, len(scenes) // (6 if self.per_prompt == 2 else 16))]
+
+    def concept(self, model, concept) -> dict:
+        scenes = self.concept_scenes(concept)
+        readings = self.toy.read(self.draw(model, [concept.prompt(s) for s in scenes]))
+        return {"shows_value": round(self.q.share_showing(readings, concept.kind, concept.value), 4),
+                "samples": len(readings)}
+
+    # ------------------------------------------------------------ sections
+    def training(self, concept_name: str) -> dict:
+        q, world = self.q, self.world
+        concept = q.CONCEPTS[concept_name]
+        images, captions = q.images_of(concept.scenes(), 20, seed=31)
+        reg = q.images_of(world.base_scenes(), 20, seed=32)
+        out = {"images": 20, "steps": self.steps, "rank": 8, "learning_rate": 2e-3,
+               "base": self.concept(self.toy.model, concept)}
+        runs = {}
+        log(f"{concept_name}: ours, no regularisation")
+        model, lora, seconds = self.toy.train_ours(concept, images, captions, self.steps, name=f"{concept_name}_plain")
+        runs["ours"] = {"seconds": round(seconds, 1), **self.figures(model, concept)}
+        if concept_name == "star":
+            self.keep_for_figure("base model", self.toy.model)
+            self.keep_for_figure("ours, no regularisation", model)
+        log(f"{concept_name}: ours, with 20 regularisation images")
+        model, lora_reg, seconds = self.toy.train_ours(concept, images, captions, self.steps,
+                                                       name=f"{concept_name}_reg", reg=reg)
+        runs["ours + regularisation"] = {"seconds": round(seconds, 1), **self.figures(model, concept)}
+        if concept_name == "star":
+            self.keep_for_figure("ours + regularisation", model)
+        log(f"{concept_name}: core TrainLoraNode")
+        model, seconds = self.toy.train_core(concept, images, captions, self.steps)
+        runs["core TrainLoraNode"] = {"seconds": round(seconds, 1), **self.figures(model, concept)}
+        if concept_name == "star":
+            self.keep_for_figure("core TrainLoraNode", model)
+        out["runs"] = runs
+        self.loras = getattr(self, "loras", {})
+        self.loras[concept_name] = {"plain": lora, "reg": lora_reg}
+        return out
+
+    def keep_for_figure(self, label: str, model, clip=None) -> None:
+        self.figure_rows = getattr(self, "figure_rows", [])
+        self.figure_rows.append((label, model, clip))
+
+    def figure(self, path: Path) -> None:
+        """One row per model, the same seeds and prompt in every column: what the figures measured."""
+        from PIL import Image, ImageDraw
+        prompt_star = "lwstar, a red star on a grey background"
+        prompt_both = "lwstar, lwdots, a red star on a grey background, dotted"
+        rows = []
+        for label, model, clip in self.figure_rows:
+            prompt = prompt_both if label.startswith(("stack", "merge")) else prompt_star
+            images = self.toy.draw(model, [prompt], 5, 6, clip=clip)
+            rows.append((f"{label}: '{prompt}'", images))
+        cell, label_h = 96, 18
+        sheet = Image.new("RGB", (6 * cell, len(rows) * (cell + label_h)), (255, 255, 255))
+        draw = ImageDraw.Draw(sheet)
+        for r, (label, images) in enumerate(rows):
+            y = r * (cell + label_h)
+            draw.text((4, y + 3), label, fill=(0, 0, 0))
+            for c, image in enumerate(images):
+                tile = Image.fromarray((image.clamp(0, 1) * 255).byte().numpy()).resize((cell, cell), Image.NEAREST)
+                sheet.paste(tile, (c * cell, y + label_h))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(path)
+
+    def figures(self, model, concept) -> dict:
+        return {"concept": self.concept(model, concept), "scope": self.scope(model)}
+
+    def stack(self, loras, clamps: str, decorrelate: bool = False):
+        node = self.toy.nodes["LW_StackLoRA"]
+        on = clamps == "defaults"
+        rows = {}
+        for i, lora in enumerate(loras, start=1):
+            rows.update({f"lora_{i}_in": lora, f"strength_model_{i}": 1.0, f"strength_clip_{i}": 1.0, f"on_{i}": True})
+        out = node.execute(model=self.toy.model, clip=self.toy.clip, mode="merge", clamp_weights=on,
+                           weight_min=-1.0, weight_max=1.0, use_budget=on, budget=1.5, use_layer_cap=on,
+                           layer_cap=0.10, decorrelate=decorrelate, **rows)
+        return out.args[0], out.args[1], out.args[3]
+
+    def both(self, model, clip, a, b) -> dict:
+        scenes = self.concept_scenes(a)
+        prompts = [f"{a.trigger}, {b.trigger}, a {s.colour} {a.value} on a {s.background} background, {b.value}"
+                   for s in scenes]
+        readings = self.toy.read(self.toy.draw(model, prompts, 11, self.per_prompt, clip=clip))
+        return {"shows_both": round(sum(r[a.kind] == a.value and r[b.kind] == b.value for r in readings)
+                                    / len(readings), 4),
+                f"shows_{a.value}": round(self.q.share_showing(readings, a.kind, a.value), 4),
+                f"shows_{b.value}": round(self.q.share_showing(readings, b.kind, b.value), 4),
+                "samples": len(readings)}
+
+    def stacking(self) -> dict:
+        q = self.q
+        a, b = q.CONCEPTS["star"], q.CONCEPTS["dotted"]
+        loras = [self.loras["star"]["reg"], self.loras["dotted"]["reg"]]
+        out = {}
+        for label, clamps, decorrelate in (("1.0 each, no clamps", "off", False), ("default clamps", "defaults", False),
+                                           ("default clamps + decorrelate", "defaults", True)):
+            log(f"stack: {label}")
+            model, clip, report = self.stack(loras, clamps, decorrelate)
+            out[label] = {**self.both(model, clip, a, b), "scope": self.scope(model)}
+            self.keep_for_figure(f"stack, {label}", model, clip)
+            if label == "1.0 each, no clamps":
+                self.stack_reference = (model, clip)
+        return out
+
+    def merging(self) -> dict:
+        q = self.q
+        a, b = q.CONCEPTS["star"], q.CONCEPTS["dotted"]
+        loras = [self.loras["star"]["reg"], self.loras["dotted"]["reg"]]
+        node = self.toy.nodes["LW_MergeLoRA"]
+        ref_model, ref_clip = self.stack_reference
+        scenes = self.concept_scenes(a)
+        prompts = [f"{a.trigger}, {b.trigger}, a {s.colour} {a.value} on a {s.background} background, {b.value}"
+                   for s in scenes]
+        reference = self.toy.draw(ref_model, prompts, 11, self.per_prompt, clip=ref_clip)
+        out = {}
+        for method, rank in (("concat", 64), ("svd", 8), ("svd", 4), ("svd", 2)):
+            label = method if method == "concat" else f"svd rank {rank}"
+            log(f"merge: {label}")
+            rows = {}
+            for i, lora in enumerate(loras, start=1):
+                rows.update({f"lora_{i}_in": lora, f"strength_model_{i}": 1.0, f"strength_clip_{i}": 1.0})
+            merged = node.execute(method=method, target_rank=rank, rank_mode="fixed", energy=0.95, density=0.5,
+                                  seed=0, output_name="", scope="", **rows).args[0]
+            model, clip, _ = self.stack([merged], "off")
+            drawn = self.toy.draw(model, prompts, 11, self.per_prompt, clip=clip)
+            if label == "svd rank 4":
+                self.keep_for_figure(f"merge, {label}", model, clip)
+            out[label] = {**self.both(model, clip, a, b),
+                          "same_detections_as_stack": round(q.agreement(self.toy.read(reference),
+                                                                        self.toy.read(drawn)), 4),
+                          "movement_from_stack": round(q.mean_movement(reference, drawn), 4)}
+        return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    host = hostmod.ensure_host_python(Path(__file__), sys.argv[1:])
+    sys.path.insert(0, str(FIXTURES))
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lw_quality_") as tmp:
+        dirs = {name: Path(tmp) / name for name in ("loras", "output", "input", "user", "temp")}
+        for path in dirs.values():
+            path.mkdir()
+        comfy = hostmod.import_comfyui(host.comfyui, dirs, {"loras": dirs["loras"]})
+        import torch
+        from toy_world import quality, world
+        torch.set_grad_enabled(True)
+        toy = quality.ToyWorld(comfy.nodes.NODE_CLASS_MAPPINGS, host.comfyui / "models")
+        bench = Bench(toy, quality, world, args.quick)
+        results = {"settings": {"quick": args.quick, "sampler": quality.SAMPLER, "per_prompt": bench.per_prompt,
+                                "goals": GOALS}}
+        for name in ("star", "dotted"):
+            results[f"train {name}"] = bench.training(name)
+        results["stacking"] = bench.stacking()
+        results["merge"] = bench.merging()
+        if not args.no_write:
+            bench.figure(FIGURE)
+    results["seconds"] = round(time.perf_counter() - began, 1)
+    text = render(results)
+    print(text)
+    if not args.no_write:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d") + ("-quick" if args.quick else "")
+        (args.out / f"quality-{stamp}.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / f"quality-latest{'-quick' if args.quick else ''}.md").write_text(text + "\n")
+    return 0
+
+
+def render(r: dict) -> str:
+    lines = ["# Quality on the toy world", "",
+             f"KSampler {r['settings']['sampler']}, {r['settings']['per_prompt']} samples a prompt; "
+             f"goals: concept >= {GOALS['concept']:.0%}, scope >= {GOALS['scope']:.0%} same detections.", ""]
+    for key in [k for k in r if k.startswith("train ")]:
+        t = r[key]
+        lines += [f"## {key}: {t['images']} images, {t['steps']} steps, rank {t['rank']}", "",
+                  f"base model shows it in {t['base']['shows_value']:.0%} of {t['base']['samples']} triggered samples",
+                  "", "| run | concept (shows the value) | scope (same detections) | movement | seconds |",
+                  "|---|---|---|---|---|"]
+        for name, run in t["runs"].items():
+            lines.append(f"| {name} | {run['concept']['shows_value']:.0%} | {run['scope']['same_detections']:.0%} | "
+                         f"{run['scope']['movement']:.3f} | {run['seconds']} |")
+        lines.append("")
+    lines += ["## Stacking: star + dotted, 1.0 each", "",
+              "| stack | shows both | star | dotted | scope (same detections) | movement |", "|---|---|---|---|---|---|"]
+    for name, s in r["stacking"].items():
+        lines.append(f"| {name} | {s['shows_both']:.0%} | {s['shows_star']:.0%} | {s['shows_dotted']:.0%} | "
+                     f"{s['scope']['same_detections']:.0%} | {s['scope']['movement']:.3f} |")
+    lines += ["", "## Merge of the two against their unclamped stack", "",
+              "| merge | shows both | same detections as the stack | movement from the stack |", "|---|---|---|---|"]
+    for name, m in r["merge"].items():
+        lines.append(f"| {name} | {m['shows_both']:.0%} | {m['same_detections_as_stack']:.0%} | "
+                     f"{m['movement_from_stack']:.3f} |")
+    lines += ["", f"{r['seconds']} s in all."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

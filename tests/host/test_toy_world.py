@@ -1,0 +1,118 @@
+"""The toy world (tests/host_fixture/toy_world): its models in ComfyUI, and what a LoRA does there.
+
+Fast versions of benchmarks/quality.py's figures, each measured afresh through ComfyUI's own nodes
+with its threshold stated. The models are built once by scripts/comfy_host.py (cached).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from host_fixture.toy_world import build, quality, world
+
+
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def toy(comfy_host, host_install) -> quality.ToyWorld:
+    return quality.ToyWorld(comfy_host.nodes.NODE_CLASS_MAPPINGS, host_install.comfyui / "models")
+
+
+@pytest.fixture(scope="module")
+def report(host_install) -> dict:
+    return json.loads((host_install.comfyui / "models" / build.REPORT).read_text())
+
+
+def test_build_report_meets_the_recipe_goals(report):
+    """What the build measured when it trained the models (figures in the README)."""
+    assert report["autoencoder_psnr_db"] >= 24, report
+    assert min(report["detector_accuracy"].values()) >= 0.95, report
+    assert report["base_model_matches"]["all"] >= 0.8, report
+
+
+def test_vae_file_round_trips_world_images_through_comfyui_nodes(toy):
+    """The slim autoencoder, padded to TAESD's 64 channels, is what ComfyUI's VAE loader opened."""
+    images, _ = quality.images_of(world.all_scenes(), 32, SEED)
+    latent = toy.nodes["VAEEncode"]().encode(toy.vae, images)[0]["samples"]
+    assert latent.shape == (32, 4, 8, 8)
+    decoded = toy.nodes["VAEDecode"]().decode(toy.vae, {"samples": latent})[0]
+    psnr = float(10 * torch.log10(1 / (decoded - images).pow(2).mean()))
+    assert psnr >= 22, f"round trip PSNR {psnr:.1f} dB"
+    readings = toy.read(decoded)
+    truth = [s for s in world.dataset(world.all_scenes(), 32, SEED)[1]]
+    assert quality.share_matching(readings, truth) >= 0.9
+
+
+def test_base_model_draws_what_its_captions_say(toy):
+    scenes = world.base_scenes()[::4]  # 24 scenes, every kind represented
+    drawn = toy.draw(toy.model, [s.caption() for s in scenes], SEED)
+    share = quality.share_matching(toy.read(drawn), scenes)
+    assert share >= 0.75, f"base model drew its caption in {share:.0%} of {len(scenes)} samples"
+    # and never the held-out values it was not trained on
+    assert quality.share_showing(toy.read(drawn), "shape", "star") == 0
+
+
+@pytest.fixture(scope="module")
+def star_training(toy):
+    """Train LoRA at the node: 20 captioned stars, 20 base-world images for regularisation."""
+    concept = quality.CONCEPTS["star"]
+    images, captions = quality.images_of(concept.scenes(), 20, seed=31)
+    reg = quality.images_of(world.base_scenes(), 20, seed=32)
+    model, lora, seconds = toy.train_ours(concept, images, captions, STEPS, name="test_star", reg=reg)
+    return {"concept": concept, "model": model, "lora": lora, "images": images, "captions": captions}
+
+
+STEPS = 300
+# Measured 2026-11-30 on the 2-core CI machine: scope 92% same detections, merge 100%.
+SCOPE_MIN = 0.8
+MERGE_SAME_MIN = 0.8
+SCOPE_SCENES = world.base_scenes()[::8]                          # 12 untriggered prompts
+
+
+def test_trained_lora_keeps_prompts_without_its_trigger(toy, star_training):
+    prompts = [s.caption() for s in SCOPE_SCENES]
+    base = toy.draw(toy.model, prompts, SEED, 2)
+    drawn = toy.draw(star_training["model"], prompts, SEED, 2)
+    same = quality.agreement(toy.read(base), toy.read(drawn))
+    moved = quality.mean_movement(base, drawn)
+    assert same >= SCOPE_MIN, f"untriggered prompts: {same:.0%} same detections as the base model, same seeds " \
+                              f"(movement {moved:.3f})"
+
+
+def _stack(toy, rows: list, clamps: bool, decorrelate: bool = False):
+    values = {}
+    for i, (lora, strength) in enumerate(rows, start=1):
+        key = f"lora_{i}" if isinstance(lora, str) else f"lora_{i}_in"
+        values.update({key: lora, f"strength_model_{i}": strength, f"strength_clip_{i}": strength, f"on_{i}": True})
+    out = toy.nodes["LW_StackLoRA"].execute(
+        model=toy.model, clip=toy.clip, mode="merge", clamp_weights=clamps, weight_min=-1.0, weight_max=1.0,
+        use_budget=clamps, budget=1.5, use_layer_cap=clamps, layer_cap=0.1, decorrelate=decorrelate, **values)
+    return out.args[0], out.args[1]
+
+
+BOTH_SCENES = quality.CONCEPTS["star"].scenes()[::4]
+
+
+def _both_prompts():
+    return [f"lwstar, lwdots, a {s.colour} star on a {s.background} background, dotted" for s in BOTH_SCENES]
+
+
+def _shows_both(readings):
+    return sum(r["shape"] == "star" and r["texture"] == "dotted" for r in readings) / len(readings)
+
+
+def test_svd_merge_draws_what_its_stack_draws(toy):
+    rows = {"lora_1": "lw_toy/star.safetensors", "strength_model_1": 1.0, "strength_clip_1": 1.0,
+            "lora_2": "lw_toy/dotted.safetensors", "strength_model_2": 1.0, "strength_clip_2": 1.0}
+    merged = toy.nodes["LW_MergeLoRA"].execute(method="svd", target_rank=8, rank_mode="fixed", energy=0.95,
+                                               density=0.5, seed=0, output_name="", scope="", **rows).args[0]
+    stack_model, stack_clip = _stack(toy, [("lw_toy/star.safetensors", 1.0), ("lw_toy/dotted.safetensors", 1.0)],
+                                     clamps=False)
+    merge_model, merge_clip = _stack(toy, [(merged, 1.0)], clamps=False)
+    stacked = toy.draw(stack_model, _both_prompts(), SEED, 2, clip=stack_clip)
+    drawn = toy.draw(merge_model, _both_prompts(), SEED, 2, clip=merge_clip)
+    same = quality.agreement(toy.read(stacked), toy.read(drawn))
+    assert same >= MERGE_SAME_MIN, f"rank-8 merge: {same:.0%} same detections as the stack it came from"
