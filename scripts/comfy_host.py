@@ -370,10 +370,8 @@ def ensure_toy_world(host: Host) -> None:
                                             "--input-dir", host.comfyui / "input"]),
              ("loras", "training the toy world's example LoRAs with Train LoRA (about a minute)",
               [TOY_WORLD / "demo_loras.py", "--comfyui", host.comfyui]))
-    for part, message, command in steps:
-        if part == "models" and current("models"):
-            continue
-        if part == "loras" and current("loras") and current("models"):
+    for part, message, command in steps:  # the LoRAs' key includes the models': new models, new LoRAs
+        if current(part):
             continue
         log(message)
         out = run([host.python, *command], stdout=subprocess.PIPE, text=True)
