@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What a LoRA does, measured on the toy world: concept, scope, against core, stacking, merge.
 
-    python3 benchmarks/quality.py            # full figures (about 10 minutes on 2 cores)
-    python3 benchmarks/quality.py --quick    # fewer samples and steps (about 3 minutes)
+    python3 benchmarks/quality.py            # full figures (4 seeds, 600 steps; not yet run: expect ~30 minutes)
+    python3 benchmarks/quality.py --quick    # 2 seeds, 300 steps: 9.5 minutes on 2 cores
 
 Runs in the pinned ComfyUI host's python (re-executes itself like benchmarks/run.py), loads the
 toy world's checkpoint with Load Checkpoint, trains with this pack's Train LoRA node and core's
@@ -52,6 +52,8 @@ class Bench:
         base = world.base_scenes()
         self.untriggered = base[::8] if quick else base[::3]            # 12 or 32 base scenes
         self.base_images = {}
+        self.loras = {}          # concept -> {"plain": LoRA, "reg": LoRA}, for the stack and merge sections
+        self.figure_rows = []    # (label, model, clip) drawn into the README figure
 
     # ------------------------------------------------------------ helpers
     def draw(self, model, prompts, seed=11):
@@ -111,12 +113,10 @@ class Bench:
             if concept_name == "star":
                 self.keep_for_figure("core TrainLoraNode", model)
         out["runs"] = runs
-        self.loras = getattr(self, "loras", {})
         self.loras[concept_name] = {"plain": lora, "reg": lora_reg}
         return out
 
     def keep_for_figure(self, label: str, model, clip=None) -> None:
-        self.figure_rows = getattr(self, "figure_rows", [])
         self.figure_rows.append((label, model, clip))
 
     def figure(self, path: Path) -> None:
