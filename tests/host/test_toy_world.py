@@ -42,7 +42,7 @@ def test_vae_file_round_trips_world_images_through_comfyui_nodes(toy):
     psnr = float(10 * torch.log10(1 / (decoded - images).pow(2).mean()))
     assert psnr >= 22, f"round trip PSNR {psnr:.1f} dB"
     readings = toy.read(decoded)
-    truth = [s for s in world.dataset(world.all_scenes(), 32, SEED)[1]]
+    truth = world.dataset(world.all_scenes(), 32, SEED)[1]  # the scenes images_of rendered
     assert quality.share_matching(readings, truth) >= 0.9
 
 
@@ -98,10 +98,6 @@ BOTH_SCENES = quality.CONCEPTS["star"].scenes()[::4]
 
 def _both_prompts():
     return [f"lwstar, lwdots, a {s.colour} star on a {s.background} background, dotted" for s in BOTH_SCENES]
-
-
-def _shows_both(readings):
-    return sum(r["shape"] == "star" and r["texture"] == "dotted" for r in readings) / len(readings)
 
 
 def test_svd_merge_draws_what_its_stack_draws(toy):
