@@ -3,14 +3,14 @@
 Nothing here imports ComfyUI; the node layer bridges it to ComfyUI's model management.
 Sub-packages, each importing only the ones above it in this list:
 
-    formats/   files, adapters, key layouts and names, families, metadata
+    formats/   safetensors I/O, adapters, key layouts and names, families, metadata, kohya export
     patching/  matching a LoRA to a model, strengths per layer, weight patch and bypass
     stacking/  norms from the factors, clamps and caps, overlaps, the stack analysis
     merging/   several LoRAs into one
     training/  new LoRAs
 
-and beside them the shared modules: values (Target, Term, LayerPatch), errors, caches,
-safetensors_io, export (kohya files), paths, plots, version.
+and beside them the shared modules: values (Target, Term, LayerPatch), errors, caches, paths, plots,
+version.
 """
 from . import caches, errors, formats, merging, patching, values
 from .errors import (
@@ -22,7 +22,6 @@ from .errors import (
     UnsafePathError,
     WrongBaseModelError,
 )
-from .export import build_metadata, kohya_prefix, lora_state_dict, save_lora
 from .formats import (
     ADAPTER_CLASSES,
     Adapter,
@@ -31,11 +30,17 @@ from .formats import (
     LoRA,
     LoRAInfo,
     LowRankAdapter,
+    build_metadata,
     claim_adapter,
     file_sha256,
+    kohya_prefix,
     load_lora,
+    lora_state_dict,
     parse_lora,
     read_info,
+    read_lora_file,
+    save_lora,
+    write_lora_file,
 )
 from .merging import LayerReport, MergeInput, MergeReport, merge_loras
 from .patching import (
@@ -49,7 +54,6 @@ from .patching import (
     supports_bypass,
 )
 from .paths import safe_join
-from .safetensors_io import read_lora_file, write_lora_file
 from .values import CLIP, MODEL, LayerPatch, Target, Term
 from .version import __version__
 

@@ -6,10 +6,10 @@ import os
 from comfy_api.latest import io
 
 from ..lora_core import LoRA, LoRAError, file_sha256, merge_loras
-from ..lora_core.export import build_metadata, file_alpha, kohya_prefix, lora_state_dict, save_lora
+from ..lora_core.formats.export import build_metadata, file_alpha, kohya_prefix, lora_state_dict, save_lora
 from ..lora_core.formats.families import UNKNOWN, guess_family
+from ..lora_core.formats.safetensors_io import data_sha256, tensors_data_sha256
 from ..lora_core.merging import MergeInput
-from ..lora_core.safetensors_io import data_sha256, tensors_data_sha256
 from .file_names import standard_names
 from .input_checks import check_inputs, strengths_problem
 from .lora_files import load_named_lora, output_path

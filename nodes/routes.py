@@ -22,7 +22,7 @@ from ..lora_core.errors import LoRAError, LoRAFileError, LoRAFileNotFoundError, 
 from ..lora_core.formats import split_key
 from ..lora_core.formats.families import guess_family
 from ..lora_core.formats.metadata import read_info
-from ..lora_core.safetensors_io import read_header
+from ..lora_core.formats.safetensors_io import read_header
 
 PREFIX = "/lora_workbench"
 _registered = False

@@ -14,7 +14,7 @@ import torch
 from comfy.weight_adapter import WeightAdapterBase
 
 from ..lora_core import LoRA, LoRAError, LowRankAdapter, caches
-from ..lora_core.export import kohya_prefix
+from ..lora_core.formats.export import kohya_prefix
 from ..lora_core.training import (
     EPS,
     FLOW,

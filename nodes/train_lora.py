@@ -13,10 +13,10 @@ import torch
 from comfy_api.latest import io
 
 from ..lora_core import LoRA, LoRAError, plan_layers
-from ..lora_core.export import build_metadata, kohya_prefix, save_lora
 from ..lora_core.formats import file_sha256
+from ..lora_core.formats.export import build_metadata, kohya_prefix, save_lora
+from ..lora_core.formats.safetensors_io import data_sha256
 from ..lora_core.plots import render_loss_curve
-from ..lora_core.safetensors_io import data_sha256
 from ..lora_core.training import (
     ATTENTION,
     PRESETS,

@@ -5,8 +5,8 @@ import os
 from collections import OrderedDict
 
 from .. import caches
-from ..safetensors_io import read_lora_file
 from .layouts import LoRA, parse_lora
+from .safetensors_io import read_lora_file
 
 _CACHE: "OrderedDict[tuple, LoRA]" = OrderedDict()
 CACHE_SIZE = 8  # a typical stack; parsed LoRAs are small next to the model

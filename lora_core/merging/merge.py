@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import LoRAError, LoRAShapeError
-from ..export import kohya_prefix
 from ..formats.adapters import Adapter, LoHaAdapter, LoKrAdapter, LowRankAdapter
+from ..formats.export import kohya_prefix
 from ..formats.families import FLUX, SD3, SDXL, UNKNOWN, guess_family
 from ..formats.keymap import is_text_encoder_name
 from ..formats.layouts import LoRA

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import LoRAFileError
-from ..safetensors_io import write_lora_file
+from ..formats.safetensors_io import read_header, write_lora_file
 
 STATE_SUFFIX = ".lwstate"  # not a model extension, so ComfyUI's LoRA lists do not show it
 
@@ -22,7 +22,6 @@ def save_optimizer_state(path: str, optimizer: torch.optim.Optimizer, step: int)
 
 
 def load_optimizer_state(path: str) -> tuple[dict, int]:
-    from ..safetensors_io import read_header
     _, metadata = read_header(path)
     try:
         tensors = load_file(path)

@@ -2,7 +2,7 @@
 and what a file of an unknown family says about itself."""
 import pytest
 
-from lora_core.export import build_metadata
+from lora_core.formats.export import build_metadata
 from lora_core.formats import families
 from lora_core.training import select_targets
 

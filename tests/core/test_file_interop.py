@@ -9,12 +9,12 @@ import torch
 from safetensors import safe_open
 
 from lora_core import LoRA, LowRankAdapter, parse_lora, read_lora_file
-from lora_core.export import build_metadata, file_alpha, kohya_prefix, lora_state_dict, save_lora
 from lora_core.formats import file_sha256
+from lora_core.formats.export import build_metadata, file_alpha, kohya_prefix, lora_state_dict, save_lora
 from lora_core.formats.files import load_lora
 from lora_core.formats.keymap import candidate_names, resolve
+from lora_core.formats.safetensors_io import data_sha256, tensors_data_sha256, write_lora_file
 from lora_core.merging import merge_loras
-from lora_core.safetensors_io import data_sha256, tensors_data_sha256, write_lora_file
 from lora_factory import lora_state_dict as factory_state_dict
 from lora_factory import low_rank_factors
 

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-import lora_core.safetensors_io as safetensors_io
+import lora_core.formats.safetensors_io as safetensors_io
 from lora_core import LoHaAdapter, LoRA, LoRAError, LowRankAdapter, parse_lora, read_lora_file
-from lora_core.export import build_metadata, kohya_prefix, lora_state_dict, save_lora
+from lora_core.formats.export import build_metadata, kohya_prefix, lora_state_dict, save_lora
 from lora_core.formats.metadata import read_info
 from lora_core.merging import MergeInput, merge_loras
 from lora_factory import lora_state_dict as factory_state_dict

@@ -570,7 +570,7 @@ def test_train_lora_same_inputs_same_bytes_and_resume_from_a_standard_named_file
         run = pack.nodes.train_lora.TrainingRun(args)
         run.train(samples)
     resumed = run.provenance["resumed_from"]
-    assert resumed["data_sha256"] == pack.lora_core.safetensors_io.data_sha256(
+    assert resumed["data_sha256"] == pack.lora_core.formats.safetensors_io.data_sha256(
         str(comfy_host.loras_dir / "interop" / "twice_a.safetensors"))
 
 

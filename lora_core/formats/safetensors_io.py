@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import LoRAFileError, LoRAFileNotFoundError
+from ..errors import LoRAFileError, LoRAFileNotFoundError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 # A safetensors header is 8 little-endian bytes of length, then JSON; anything huge is corrupt.

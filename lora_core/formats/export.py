@@ -25,13 +25,13 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import LoRAError
-from .formats import families
-from .formats.adapters import LowRankAdapter
-from .formats.keymap import candidate_names
-from .formats.layouts import LoRA
+from ..errors import LoRAError
+from ..version import __version__ as PACK_VERSION
+from . import families
+from .adapters import LowRankAdapter
+from .keymap import candidate_names
+from .layouts import LoRA
 from .safetensors_io import PICKLE_SUFFIXES, write_lora_file
-from .version import __version__ as PACK_VERSION
 
 KOHYA_IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"
 
