@@ -50,7 +50,7 @@ SERVER_START_TIMEOUT_S = 90
 
 # ---------------------------------------------------------------- host discovery
 
-def _comfy_host_script():
+def comfy_host_script():
     """scripts/comfy_host.py as a module (it is a script, not a package)."""
     if "lw_comfy_host_script" not in sys.modules:
         spec = importlib.util.spec_from_file_location("lw_comfy_host_script", REPO_ROOT / "scripts" / "comfy_host.py")
@@ -62,7 +62,7 @@ def _comfy_host_script():
 
 def _install_host():
     """COMFYUI_PATH's install, or the managed one; links and tiny models made up to date."""
-    script = _comfy_host_script()
+    script = comfy_host_script()
     try:
         host = script.install()
     except (script.HostError, subprocess.CalledProcessError) as err:
@@ -260,7 +260,7 @@ class ComfyHost:
 
 @pytest.fixture(scope="session")
 def comfy_host(host_install, host_dirs) -> ComfyHost:
-    script = _comfy_host_script()
+    script = comfy_host_script()
     try:
         nodes, loop = script.import_in_process(host_install.comfyui, host_dirs, {"loras": host_dirs["loras"]})
     except script.HostError as err:
@@ -271,7 +271,7 @@ def comfy_host(host_install, host_dirs) -> ComfyHost:
 
 # ---------------------------------------------------------------- HTTP host
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -317,7 +317,7 @@ def comfy_server_process(host_install, host_dirs, tmp_path_factory) -> subproces
     # The toy world's datasets (the example workflows train on them), from the install's input folder.
     for dataset in (Path(host_install.comfyui) / "input").glob("lw_toy_*"):
         shutil.copytree(dataset, work / "input" / dataset.name)
-    port = _free_port()
+    port = free_port()
     cmd = [str(host_install.python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
            "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
            "--extra-model-paths-config", str(extra_paths),

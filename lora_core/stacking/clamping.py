@@ -40,11 +40,12 @@ DEFAULT_BUDGET = 1.5
 DEFAULT_LAYER_CAP = 0.10
 
 # A DoRA layer's change is not linear in the strengths, so capping it takes a few refinements.
-_NONLINEAR_CAP_STEPS = 8
-_NONLINEAR_CAP_TOL = 1e-6
+NONLINEAR_CAP_STEPS = 8
+NONLINEAR_CAP_TOL = 1e-6
 
 
-def _finite(value) -> bool:
+def is_finite_number(value) -> bool:
+    """Whether a setting is a finite number (a bool is not one); the clamps and the spectral cap check theirs."""
     if isinstance(value, bool):
         return False
     try:
@@ -67,14 +68,14 @@ class ClampSettings:
         """Raise LoRASettingsError (a ValueError) naming the bad value; only the values of rules that are on are checked."""
         if self.clamp_weights:
             for label, value in (("weight_min", self.weight_min), ("weight_max", self.weight_max)):
-                if not _finite(value):
+                if not is_finite_number(value):
                     raise LoRASettingsError(f"{label} must be a finite number, got {value!r}")
             if self.weight_min > self.weight_max:
                 raise LoRASettingsError(f"weight_min ({self.weight_min:g}) is above weight_max ({self.weight_max:g}); "
                                  "the allowed range would be empty")
-        if self.use_budget and not (_finite(self.budget) and self.budget > 0):
+        if self.use_budget and not (is_finite_number(self.budget) and self.budget > 0):
             raise LoRASettingsError(f"budget must be a finite number above 0, got {self.budget!r}")
-        if self.use_layer_cap and not (_finite(self.layer_cap) and self.layer_cap > 0):
+        if self.use_layer_cap and not (is_finite_number(self.layer_cap) and self.layer_cap > 0):
             raise LoRASettingsError(f"layer_cap must be a finite number above 0, got {self.layer_cap!r} "
                              "(it is a share of ||W||: 0.1 = 10%)")
         return self
@@ -116,7 +117,7 @@ def clamp_strengths(entries: Sequence[StackEntry], settings: ClampSettings | Non
     for i, entry in enumerate(entries):
         for label in ("strength_model", "strength_clip"):
             value = getattr(entry, label)
-            if not _finite(value):
+            if not is_finite_number(value):
                 raise LoRASettingsError(f"stack row {i + 1} ('{entry.name}'): {label} is {value!r}; "
                                  "strengths must be finite numbers")
         row = EffectiveStrength(entry.name, float(entry.strength_model), float(entry.strength_clip), 0.0, 0.0,
@@ -262,7 +263,7 @@ def cap_layers(layers: Mapping[Target, Sequence[Term]], weights: WeightSource,
     zeros are left alone: a share of nothing cannot be capped. `weight_norms`: ||W||_F of a
     target's weight (e.g. memoised by the host), so unchanged weights are not re-read.
     """
-    if not (_finite(cap) and cap > 0):
+    if not (is_finite_number(cap) and cap > 0):
         raise LoRASettingsError(f"layer cap must be a finite number above 0, got {cap!r}")
     new_layers: dict[Target, list[Term]] = {}
     capped: list[CappedLayer] = []
@@ -283,8 +284,8 @@ def cap_layers(layers: Mapping[Target, Sequence[Term]], weights: WeightSource,
         if not all_additive(terms):
             weight = host_weight(weights, target)
             after = layer_change_ratio(weight, _scaled(terms, factor), norm)
-            for _ in range(_NONLINEAR_CAP_STEPS):
-                if abs(after - cap) <= _NONLINEAR_CAP_TOL * cap or after == 0.0:
+            for _ in range(NONLINEAR_CAP_STEPS):
+                if abs(after - cap) <= NONLINEAR_CAP_TOL * cap or after == 0.0:
                     break
                 factor *= cap / after
                 after = layer_change_ratio(weight, _scaled(terms, factor), norm)

@@ -59,11 +59,13 @@ def pair_cosines(layers_by_lora: Mapping[str, Mapping[Target, TermsOrTerm]]) -> 
             for j in range(i + 1, len(present)):
                 b, terms_b = present[j]
                 dot = frobenius.terms_inner(terms_a, terms_b)
-                overlaps.append(LayerOverlap(target, a, b, _cosine(dot, norms[i], norms[j]), dot, norms[i], norms[j]))
+                cos = cosine_from(dot, norms[i], norms[j])
+                overlaps.append(LayerOverlap(target, a, b, cos, dot, norms[i], norms[j]))
     return overlaps
 
 
-def _cosine(dot: float, na: float, nb: float) -> float:
+def cosine_from(dot: float, na: float, nb: float) -> float:
+    """cos = <a, b> / (|a| |b|), clipped to [-1, 1]; the overlaps, the heatmap and the Gram path share it."""
     # A zero change has no direction: it overlaps nothing (torch's cosine_similarity agrees).
     if na <= 0.0 or nb <= 0.0:
         return 0.0
@@ -177,7 +179,7 @@ def decorrelate(layers: Mapping[Target, Sequence[Term]],
                 cos = known.get((target, a, b))
                 if cos is None or math.isnan(cos):
                     dot = frobenius.terms_inner(groups[a], groups[b])
-                    cos = _cosine(dot, frobenius.terms_norm(groups[a]), frobenius.terms_norm(groups[b]))
+                    cos = cosine_from(dot, frobenius.terms_norm(groups[a]), frobenius.terms_norm(groups[b]))
                 if cos > 0.0:
                     overlap[a] += cos
                     overlap[b] += cos
@@ -255,6 +257,6 @@ def block_table(overlaps: Sequence[LayerOverlap]) -> tuple[list[str], list[str],
         line = []
         for col in cols:
             acc = sums.get((row, col))
-            line.append(math.nan if acc is None else _cosine(acc[0], math.sqrt(acc[1]), math.sqrt(acc[2])))
+            line.append(math.nan if acc is None else cosine_from(acc[0], math.sqrt(acc[1]), math.sqrt(acc[2])))
         values.append(line)
     return list(rows), cols, values

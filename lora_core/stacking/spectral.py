@@ -33,7 +33,7 @@ from ..formats.variants import all_additive
 from ..patching.factors import stack_factors
 from ..patching.weight_patch import apply_terms
 from ..values import Target, Term
-from .clamping import _NONLINEAR_CAP_STEPS, _NONLINEAR_CAP_TOL, CappedLayer, WeightSource, _finite, host_weight
+from .clamping import NONLINEAR_CAP_STEPS, NONLINEAR_CAP_TOL, CappedLayer, WeightSource, host_weight, is_finite_number
 from .frobenius import factor_terms
 
 DEFAULT_SPECTRAL_CAP = 0.5
@@ -143,7 +143,7 @@ class WeightSpectra:
 
 
 def check_cap(cap: float) -> None:
-    if not (_finite(cap) and cap > 0):
+    if not (is_finite_number(cap) and cap > 0):
         raise LoRASettingsError(f"spectral cap must be a finite number above 0, got {cap!r} "
                          "(a share of the weight's largest singular value: 0.5 = half)")
 
@@ -183,8 +183,8 @@ def spectral_cap_layers(layers: Mapping[Target, Sequence[Term]], weights: Weight
         if not all_additive(terms):  # not linear in a common factor
             sigma = spectra.exact(target)
             after = terms_top(_scaled(terms, factor), weight) / sigma
-            for _ in range(_NONLINEAR_CAP_STEPS):
-                if abs(after - cap) <= _NONLINEAR_CAP_TOL * cap or after == 0.0:
+            for _ in range(NONLINEAR_CAP_STEPS):
+                if abs(after - cap) <= NONLINEAR_CAP_TOL * cap or after == 0.0:
                     break
                 factor *= cap / after
                 after = terms_top(_scaled(terms, factor), weight) / sigma

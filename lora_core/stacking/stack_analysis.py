@@ -25,11 +25,11 @@ from ..formats.adapters import Adapter
 from ..patching.block_weights import strength_at
 from ..patching.matching import MatchResult
 from ..values import Target, Term
-from . import spectral as spectral_cap_math
+from . import interference
 from .clamping import CappedLayer, cap_layers
 from .frobenius import gram as layer_gram
-from .interference import Decorrelated, LayerOverlap, _cosine, by_lora, pair_cosines, plan_named
-from .interference import decorrelate as decorrelate_layers
+from .interference import Decorrelated, LayerOverlap, by_lora, cosine_from, pair_cosines, plan_named
+from .spectral import LayerCore, WeightSpectra, check_cap, over_cap, spectral_cap_layers
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _build(entries: Sequence[tuple[str, MatchResult]]) -> StackShape | None:
 
 def analyse(shape: StackShape, strengths: Sequence[tuple], decorrelate: bool = False,
             cap: float | None = None, weight_norms: Callable[[Target], float] | None = None,
-            spectral_cap: float | None = None, spectra: "spectral_cap_math.WeightSpectra | None" = None,
+            spectral_cap: float | None = None, spectra: "WeightSpectra | None" = None,
             ) -> StackAnalysis:
     """Plan, pair overlaps, optional decorrelation, optional layer cap and optional spectral cap at
     (model, clip[, model per block]) strengths per LoRA (see block_weights.strength_at); `weight_norms`
@@ -173,7 +173,7 @@ def _overlaps(active, names) -> tuple[list[LayerOverlap], dict]:
             row, name_a = gram[pos[qa]], names[members[pos[qa]]]
             for qb in ranked[x + 1:]:
                 dot = s[qa] * s[qb] * row[pos[qb]]
-                cos = _cosine(dot, norms[qa], norms[qb])
+                cos = cosine_from(dot, norms[qa], norms[qb])
                 overlaps.append(LayerOverlap(target, name_a, names[members[pos[qb]]], cos, dot, norms[qa], norms[qb]))
                 cosines[(n, qa, qb)] = cosines[(n, qb, qa)] = cos
     return overlaps, cosines
@@ -230,17 +230,17 @@ def _spectral(shape: StackShape, active, layers, cap: float, spectra) -> list[Ca
     singular value. Runs after the other rules, on the strengths they left."""
     if spectra is None:
         raise LoRASettingsError("the spectral cap needs the weights' top singular values (spectra)")
-    spectral_cap_math.check_cap(cap)
+    check_cap(cap)
     capped = []
     for layer, pos, _ in active:
         terms = layers[layer.target]
         core = shape.cores.get(layer.target)
         if core is None:
-            core = shape.cores[layer.target] = spectral_cap_math.LayerCore([a.low_rank() for a in layer.adapters])
+            core = shape.cores[layer.target] = LayerCore([a.low_rank() for a in layer.adapters])
         strengths = [0.0] * len(layer.members)
         for k, term in zip(pos, terms):
             strengths[k] = float(term.strength)
-        before = spectral_cap_math.over_cap(core.top(strengths), layer.target, cap, spectra)
+        before = over_cap(core.top(strengths), layer.target, cap, spectra)
         if before is None or math.isinf(before):
             continue
         factor = cap / before
@@ -251,7 +251,7 @@ def _spectral(shape: StackShape, active, layers, cap: float, spectra) -> list[Ca
 
 def analyse_stack(applied: Sequence[tuple], weights, weight_norms: Callable[[Target], float],
                   decorrelate: bool = False, layer_cap: float | None = None, spectral_cap: float | None = None,
-                  spectra: "spectral_cap_math.WeightSpectra | None" = None) -> StackAnalysis:
+                  spectra: "WeightSpectra | None" = None) -> StackAnalysis:
     """The one entry point of stack analysis: plan, overlaps, then decorrelate and the caps as asked.
 
     `applied`: (name, match, strength_model, strength_clip[, model strength per block]) per LoRA;
@@ -265,10 +265,9 @@ def analyse_stack(applied: Sequence[tuple], weights, weight_norms: Callable[[Tar
     layers, names = plan_named(applied)
     result = StackAnalysis(layers, names, pair_cosines(by_lora(layers, names)), [], [])
     if decorrelate and layers:
-        result.layers, result.decorrelated = decorrelate_layers(result.layers, names, result.overlaps)
+        result.layers, result.decorrelated = interference.decorrelate(result.layers, names, result.overlaps)
     if layer_cap is not None and result.layers:
         result.layers, result.capped = cap_layers(result.layers, weights, layer_cap, weight_norms)
     if spectral_cap is not None and result.layers:
-        result.layers, result.spectral = spectral_cap_math.spectral_cap_layers(result.layers, weights,
-                                                                               spectral_cap, spectra)
+        result.layers, result.spectral = spectral_cap_layers(result.layers, weights, spectral_cap, spectra)
     return result

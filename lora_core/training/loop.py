@@ -89,7 +89,8 @@ def _buckets(samples: list[Sample]) -> list[list[int]]:
     return [groups[k] for k in sorted(groups)]
 
 
-def _batch(samples: list[Sample], indices: list[int], device, collate: Callable) -> tuple[torch.Tensor, dict]:
+def collate_batch(samples: list[Sample], indices: list[int], device, collate: Callable) -> tuple[torch.Tensor, dict]:
+    """The latents of samples[indices] stacked on `device`, and their conditioning as `collate` joins it."""
     latent = torch.stack([samples[i].latent for i in indices]).to(device)
     return latent, collate([samples[i].cond for i in indices], device)
 
@@ -130,7 +131,7 @@ def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parame
             group["lr"] = lr
         total = 0.0
         for _ in range(settings.grad_accumulation):
-            x0, cond = _batch(samples, _pick(buckets, settings.batch_size, g), device, collate)
+            x0, cond = collate_batch(samples, _pick(buckets, settings.batch_size, g), device, collate)
             noise = sample_noise(x0, g, settings.noise_offset)
             sigma = noise_model.sigma_of(torch.rand(x0.shape[0], generator=g, dtype=torch.float64)).float().to(device)
             x_t = noise_model.add_noise(x0, noise, sigma)

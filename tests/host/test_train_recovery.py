@@ -46,10 +46,10 @@ def _teacher(denoise):
 
 
 def _held_out(denoise, noise_model, samples, collate, seed=1234, n=16):
-    from lora_core.training.loop import _batch
+    from lora_core.training.loop import collate_batch
     g = torch.Generator().manual_seed(seed)
     idx = [int(i) for i in torch.randint(len(samples), (n,), generator=g)]
-    x0, cond = _batch(samples, idx, "cpu", collate)
+    x0, cond = collate_batch(samples, idx, "cpu", collate)
     sigma = noise_model.sigma_of(torch.rand(n, generator=g, dtype=torch.float64)).float()
     x_t = noise_model.add_noise(x0, torch.randn(x0.shape, generator=g), sigma)
     with torch.no_grad():

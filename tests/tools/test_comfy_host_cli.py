@@ -9,9 +9,9 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO_ROOT, _comfy_host_script, _free_port
+from conftest import REPO_ROOT, comfy_host_script, free_port
 
-script = _comfy_host_script()
+script = comfy_host_script()
 
 
 @pytest.mark.parametrize("argv, port, main_args", [
@@ -136,7 +136,7 @@ def test_serve_starts_comfyui_with_a_front_end_root_given_after_dashes(host_inst
     (front / "index.html").write_text("<html><body>lw-front-end-probe</body></html>")
     for name in ("user", "output", "input"):
         (tmp_path / name).mkdir()
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, str(REPO_ROOT / "scripts" / "comfy_host.py"), "serve", "--port", str(port), "--",
            "--front-end-root", str(front), "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
            "--user-directory", str(tmp_path / "user"), "--output-directory", str(tmp_path / "output"),
