@@ -9,6 +9,7 @@ Everything works on clones; the shared base model is never touched.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import comfy.lora
 import comfy.utils
@@ -30,11 +31,29 @@ from ..lora_core import (
 )
 from ..lora_core.formats import families
 from ..lora_core.formats.variants import all_additive
+from ..lora_core.patching.block_weights import strength_at
 from ..lora_core.stacking.spectral import WeightSpectra
 from . import comfy_compat
+from .lw_types import BYPASS
 
-MERGE, BYPASS = "merge", "bypass"
-MODES = [MERGE, BYPASS]
+
+@dataclass(frozen=True)
+class ForeignPatch:
+    """A layer of a LoRA that ComfyUI core applies (an algorithm lora_core does not read, or a layer the host
+    transforms): the name core knows the module by, its tensors under that name, and the strength."""
+    target: Target
+    core_name: str
+    tensors: dict[str, torch.Tensor]
+    strength: float
+
+
+@dataclass(frozen=True)
+class PatchCounts:
+    """What apply_layers did to one of MODEL / CLIP, for the reports."""
+    merged: int            # layers patched into the weights by our fused patch
+    bypassed: int          # layers run beside the frozen weights
+    merged_in_bypass: int  # layers merged although bypass was asked (DoRA, sliced layers)
+    core: int              # ForeignPatches handed to ComfyUI core
 
 
 class WorkbenchWeightPatch(WeightAdapterBase):
@@ -209,7 +228,16 @@ def _take_chained_terms(patcher, target: Target) -> list[Term]:
     return list(last.patch.terms)
 
 
-def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list, mode: str) -> dict[str, int]:
+def foreign_patches(match: MatchResult, strengths: tuple) -> list[ForeignPatch]:
+    """match.foreign at (strength_model, strength_clip[, model strength per block]); layers at strength 0
+    are left out."""
+    patches = [ForeignPatch(target, module.core_name, module.tensors, strength_at(strengths, target))
+               for target, module in match.foreign.items()]
+    return [p for p in patches if p.strength != 0.0]
+
+
+def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list[ForeignPatch], mode: str
+                   ) -> PatchCounts:
     """Add our patches to an already-cloned ModelPatcher; returns counts for the report."""
     weight_patches, bypassed, merged_instead = {}, 0, 0
     for target, terms in layers.items():
@@ -226,20 +254,20 @@ def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list, mod
             weight_patches[_patch_key(target)] = WorkbenchWeightPatch(_take_chained_terms(patcher, target) + terms)
     if weight_patches:
         patcher.add_patches(weight_patches, 1.0)
-    for target, core_name, tensors, strength in foreign:
-        loaded = comfy_compat.core_load_lora(tensors, {core_name: _patch_key(target)})
-        patcher.add_patches(loaded, strength)
-    return {"merged": len(weight_patches), "bypassed": bypassed, "merged_in_bypass": merged_instead,
-            "core": len(foreign)}
+    for patch in foreign:
+        loaded = comfy_compat.core_load_lora(patch.tensors, {patch.core_name: _patch_key(patch.target)})
+        patcher.add_patches(loaded, patch.strength)
+    return PatchCounts(len(weight_patches), bypassed, merged_instead, len(foreign))
 
 
-def apply_layers(model, clip, layers: dict[Target, list[Term]], foreign: list, mode: str):
-    """Clone MODEL/CLIP and patch the clones. foreign: (target, core name, tensors, strength)."""
-    counts = {}
+def apply_layers(model, clip, layers: dict[Target, list[Term]], foreign: list[ForeignPatch], mode: str
+                 ) -> tuple[object, object, dict[str, PatchCounts]]:
+    """Clone MODEL/CLIP and patch the clones; returns them with the counts per component patched."""
+    counts: dict[str, PatchCounts] = {}
     new_model, new_clip = model, clip
     for component, host in ((MODEL, model), (CLIP, clip)):
         part = {t: terms for t, terms in layers.items() if t.component == component}
-        part_foreign = [f for f in foreign if f[0].component == component]
+        part_foreign = [f for f in foreign if f.target.component == component]
         if host is None or not (part or part_foreign):
             continue
         clone = host.clone()

@@ -6,14 +6,12 @@ from comfy_api.latest import io
 from ..lora_core import format_report, plan_layers
 from ..lora_core.errors import LoRASettingsError
 from ..lora_core.formats.metadata import join_trigger_words
-from ..lora_core.patching.block_weights import BASE, model_block_strengths, resolve_block_weights, strength_at
-from .comfy_bridge import MERGE, MODES, apply_layers, match_on_host
+from ..lora_core.patching.block_weights import BASE, model_block_strengths, resolve_block_weights
+from .comfy_bridge import apply_layers, foreign_patches, match_on_host
 from .input_checks import check_inputs
 from .lora_files import file_fingerprint, load_named_lora, lora_names
 from .lora_rows import BLOCK_WEIGHTS_TOOLTIP
-from .lw_types import LW_LORA
-
-STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.01)
+from .lw_types import LW_LORA, MERGE, MODES, STRENGTH
 
 
 class LoadLoRA(io.ComfyNode):
@@ -70,16 +68,14 @@ class LoadLoRA(io.ComfyNode):
             strengths = (strength_model, strength_clip * weights.ratios[BASE],
                          model_block_strengths(weights, strength_model))
         layers = plan_layers([(result, *strengths)])
-        foreign = [(t, name, tensors, strength_at(strengths, t)) for t, (name, tensors) in result.foreign.items()
-                   if strength_at(strengths, t) != 0.0]
-        new_model, new_clip, counts = apply_layers(model, clip, layers, foreign, mode)
+        new_model, new_clip, counts = apply_layers(model, clip, layers, foreign_patches(result, strengths), mode)
         report = format_report(result, {"model": strength_model, "clip": strength_clip}, mode)
         if weights is not None:
             report += f"\n  block weights ({weights.vector.preset or 'vector'}): {weights.describe()}"
             report += "".join(f"\n    {note}" for note in weights.notes)
         for component, c in counts.items():
-            report += (f"\n  {component} patches: {c['merged']} merged, {c['bypassed']} bypass"
-                       + (f" ({c['merged_in_bypass']} merged because DoRA/sliced layers cannot run in bypass)"
-                          if c["merged_in_bypass"] else ""))
+            report += (f"\n  {component} patches: {c.merged} merged, {c.bypassed} bypass"
+                       + (f" ({c.merged_in_bypass} merged because DoRA/sliced layers cannot run in bypass)"
+                          if c.merged_in_bypass else ""))
         return io.NodeOutput(new_model, new_clip, lora, report, join_trigger_words([result.info.trigger_words]),
                              ui={"lw_report": [report], "lw_info": [result.to_dict()]})

@@ -2,13 +2,25 @@
 workflows work without the web extension) plus an optional LORA_STACK from other packs."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from comfy_api.latest import io
 
+from ..lora_core import LoRA
 from .lora_files import file_fingerprint, lora_names
-from .lw_types import LW_LORA
+from .lw_types import LW_LORA, NONE, STRENGTH
 
-NONE = "None"
-STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.01)
+
+@dataclass(frozen=True)
+class LoRARow:
+    """One LoRA a Stack/Merge LoRA node is asked for: a widget row or an item of the incoming LORA_STACK."""
+    label: str                 # "row 2", "stack 1": how reports and problems name it
+    source: str | LoRA         # a file name under models/loras, or the LoRA connected to the row
+    strength_model: float
+    strength_clip: float
+    enabled: bool
+    file_name: str | None      # the file a LORA_STACK output names; None for a connected LoRA
+    row: int | None = None     # the widget row's number (its blocks_N input); None for a LORA_STACK item
 
 
 def row_inputs(i: int) -> list:
@@ -31,9 +43,9 @@ def rows_fingerprint(rows: dict, count: int) -> list[str]:
     return [file_fingerprint(rows[f"lora_{i}"]) for i in range(1, count + 1) if rows.get(f"lora_{i}", NONE) != NONE]
 
 
-def collect_rows(lora_stack, rows: dict, count: int) -> tuple[list, list[str]]:
-    """(label, file name or LoRA, strength_model, strength_clip, enabled, file name or None) per row,
-    incoming LORA_STACK items first; malformed stack items are reported, not fatal."""
+def collect_rows(lora_stack, rows: dict, count: int) -> tuple[list[LoRARow], list[str]]:
+    """The LoRAs asked for, incoming LORA_STACK items first, then the rows in use; malformed stack items
+    are reported (the problems), not fatal."""
     requested, problems = [], []
     for n, item in enumerate(lora_stack or [], start=1):
         try:
@@ -43,16 +55,16 @@ def collect_rows(lora_stack, rows: dict, count: int) -> tuple[list, list[str]]:
                             f"got {item!r}")
             continue
         if name and name != NONE:
-            requested.append((f"stack {n}", name, s_model, s_clip, True, name))
+            requested.append(LoRARow(f"stack {n}", name, s_model, s_clip, True, name))
     for i in range(1, count + 1):
         connected = rows.get(f"lora_{i}_in")
         file_name = rows.get(f"lora_{i}", NONE)
         if connected is None and file_name in (None, NONE):
             continue
         source = connected if connected is not None else file_name
-        requested.append((f"row {i}", source, float(rows.get(f"strength_model_{i}", 1.0)),
-                          float(rows.get(f"strength_clip_{i}", 1.0)), bool(rows.get(f"on_{i}", True)),
-                          None if connected is not None else file_name))
+        requested.append(LoRARow(f"row {i}", source, float(rows.get(f"strength_model_{i}", 1.0)),
+                                 float(rows.get(f"strength_clip_{i}", 1.0)), bool(rows.get(f"on_{i}", True)),
+                                 None if connected is not None else file_name, row=i))
     return requested, problems
 
 

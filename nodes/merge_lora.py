@@ -9,7 +9,7 @@ from ..lora_core import LoRA, LoRAError, file_sha256, merge_loras
 from ..lora_core.formats.export import build_metadata, file_alpha, kohya_prefix, lora_state_dict, save_lora
 from ..lora_core.formats.families import UNKNOWN, guess_family
 from ..lora_core.formats.safetensors_io import data_sha256, tensors_data_sha256
-from ..lora_core.merging import MergeInput
+from ..lora_core.merging import METHODS, RANK_MODES, MergeInput
 from .file_names import standard_names
 from .input_checks import check_inputs, strengths_problem
 from .lora_files import load_named_lora, output_path
@@ -17,7 +17,6 @@ from .lora_rows import all_row_inputs, collect_rows, rows_fingerprint
 from .lw_types import LORA_STACK, LW_LORA
 
 ROWS = 4
-METHODS = ["concat", "svd", "ties", "dare"]
 
 
 class MergeLoRA(io.ComfyNode):
@@ -33,12 +32,12 @@ class MergeLoRA(io.ComfyNode):
             inputs=[
                 LORA_STACK.Input("lora_stack", optional=True, tooltip="LoRAs and weights from Stack LoRA or "
                                  "another pack; merged first."),
-                io.Combo.Input("method", options=METHODS, default="concat",
+                io.Combo.Input("method", options=list(METHODS), default="concat",
                                tooltip="concat: exact, rank = sum of ranks. svd: best rank-k approximation per "
                                        "layer. ties: trim, elect sign, disjoint mean. dare: random drop + rescale."),
                 io.Int.Input("target_rank", default=64, min=1, max=1024,
                              tooltip="Rank of the result for svd/ties/dare (reduced where a layer allows less)."),
-                io.Combo.Input("rank_mode", options=["fixed", "energy"], default="fixed",
+                io.Combo.Input("rank_mode", options=list(RANK_MODES), default="fixed",
                                tooltip="energy: per layer the smallest rank keeping `energy` of the change."),
                 io.Float.Input("energy", default=0.95, min=0.5, max=1.0, step=0.005,
                                tooltip="Share of the squared singular values to keep in energy mode."),
@@ -71,14 +70,14 @@ class MergeLoRA(io.ComfyNode):
         path = output_path(name) if name else None  # refuse escaping names before any work
         requested, problems = collect_rows(lora_stack, rows, ROWS)
         inputs, parents = [], []
-        for label, source, s_model, s_clip, enabled, file_name in requested:
-            if not enabled:
+        for row in requested:
+            if not row.enabled:
                 continue
-            problem = strengths_problem(s_model, s_clip)  # LORA_STACK items (rows are checked above)
+            problem = strengths_problem(row.strength_model, row.strength_clip)  # LORA_STACK items (rows: above)
             if problem:
-                raise LoRAError(f"Merge LoRA: {label}: {problem}.")
-            lora = load_named_lora(source) if isinstance(source, str) else source
-            inputs.append(MergeInput(lora, s_model, s_clip))
+                raise LoRAError(f"Merge LoRA: {row.label}: {problem}.")
+            lora = load_named_lora(row.source) if isinstance(row.source, str) else row.source
+            inputs.append(MergeInput(lora, row.strength_model, row.strength_clip))
         if not inputs:
             raise LoRAError("Merge LoRA: no LoRAs to merge; pick files in the rows, connect LoRAs, or a LORA_STACK.")
         # Only a family the parents agree on, or the keys name alone, is written; else "unknown".

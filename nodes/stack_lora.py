@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from comfy_api.latest import io
 
 from ..lora_core import LoRAError
 from ..lora_core.formats.metadata import join_trigger_words
-from ..lora_core.patching.block_weights import resolve_block_weights, strength_at
+from ..lora_core.patching.block_weights import BlockWeights, resolve_block_weights
+from ..lora_core.patching.matching import MatchResult
 from ..lora_core.stacking.clamping import (
     DEFAULT_BUDGET,
     DEFAULT_LAYER_CAP,
@@ -20,23 +22,31 @@ from ..lora_core.stacking.clamping import (
 from ..lora_core.stacking.heatmap import render_heatmap
 from ..lora_core.stacking.interference import block_table, top_overlaps
 from ..lora_core.stacking.spectral import DEFAULT_SPECTRAL_CAP
-from ..lora_core.stacking.stack_analysis import analyse_stack
+from ..lora_core.stacking.stack_analysis import StackAnalysis, analyse_stack
 from .comfy_bridge import (
-    MERGE,
-    MODES,
     apply_layers,
     base_weight,
     base_weight_norms,
     base_weight_spectra,
+    foreign_patches,
     match_on_host,
 )
 from .input_checks import check_inputs, input_problem, strengths_problem
 from .lora_files import load_named_lora
-from .lora_rows import all_row_inputs, block_weight_inputs, collect_rows, rows_fingerprint
-from .lw_types import LORA_STACK
+from .lora_rows import LoRARow, all_row_inputs, block_weight_inputs, collect_rows, rows_fingerprint
+from .lw_types import LORA_STACK, MERGE, MODES
 
 ROWS = 6  # fixed rows keep saved workflows working without the web extension
 ROW_STRENGTHS = tuple(f"strength_{part}_{i}" for i in range(1, ROWS + 1) for part in ("model", "clip"))
+
+
+@dataclass(frozen=True)
+class LoadedRow:
+    """A row kept for the stack: its match on the host (None when the row is off), the file a LORA_STACK
+    output names (None for a connected LoRA), and its block weights (None: every block at 1)."""
+    match: MatchResult | None
+    file_name: str | None
+    weights: BlockWeights | None
 
 
 class StackLoRA(io.ComfyNode):
@@ -116,24 +126,21 @@ class StackLoRA(io.ComfyNode):
         requested, problems = collect_rows(lora_stack, rows, ROWS)
         loaded, entries = _load_rows(requested, model, clip, problems, bad_rows, rows)
         effective = clamp_strengths(entries, settings)
-        applied = [(e.name, match, *e.plan_strengths())
-                   for (match, _, _), e in zip(loaded, effective) if match is not None]
-        layers, overlaps, decorrelated, capped, spectral = _analyse(
-            applied, model, clip, decorrelate, layer_cap if use_layer_cap else None,
-            spectral_cap if use_spectral_cap else None)
-        foreign = [(t, core_name, tensors, strength_at(strengths, t))
-                   for _, match, *strengths in applied
-                   for t, (core_name, tensors) in match.foreign.items() if strength_at(strengths, t) != 0.0]
+        applied = [(e.name, row.match, *e.plan_strengths())
+                   for row, e in zip(loaded, effective) if row.match is not None]
+        analysis = _analyse(applied, model, clip, decorrelate, layer_cap if use_layer_cap else None,
+                            spectral_cap if use_spectral_cap else None)
+        foreign = [patch for _, match, *strengths in applied for patch in foreign_patches(match, tuple(strengths))]
         new_model, new_clip, counts = (model, clip, {})
-        if layers or foreign:
-            new_model, new_clip, counts = apply_layers(model, clip, layers, foreign, mode)
+        if analysis.layers or foreign:
+            new_model, new_clip, counts = apply_layers(model, clip, analysis.layers, foreign, mode)
 
-        stack_out = [(file_name, e.effective_model, e.effective_clip)
-                     for (_, file_name, _), e in zip(loaded, effective) if file_name and e.enabled]
-        report = _report(effective, problems, capped, overlaps, decorrelated, counts, mode, spectral,
-                         [weights for _, _, weights in loaded])
-        heatmap = render_heatmap(*block_table(overlaps))
-        triggers = join_trigger_words(match.info.trigger_words for match, _, _ in loaded if match is not None)
+        stack_out = [(row.file_name, e.effective_model, e.effective_clip)
+                     for row, e in zip(loaded, effective) if row.file_name and e.enabled]
+        report = _report(effective, problems, analysis.capped, analysis.overlaps, analysis.decorrelated, counts,
+                         mode, analysis.spectral, [row.weights for row in loaded])
+        heatmap = render_heatmap(*block_table(analysis.overlaps))
+        triggers = join_trigger_words(row.match.info.trigger_words for row in loaded if row.match is not None)
         return io.NodeOutput(new_model, new_clip, stack_out, report, heatmap, triggers,
                              ui={"lw_report": [report],
                                  "lw_effective": [[e.name, e.requested_model, e.effective_model,
@@ -141,12 +148,12 @@ class StackLoRA(io.ComfyNode):
                                                   for e in effective]})
 
 
-def _analyse(applied, model, clip, decorrelate: bool, layer_cap: float | None, spectral_cap: float | None):
+def _analyse(applied, model, clip, decorrelate: bool, layer_cap: float | None, spectral_cap: float | None
+             ) -> StackAnalysis:
     """lora_core.stacking.stack_analysis.analyse_stack on the host's weights (norms and spectra memoised per model)."""
     spectra = base_weight_spectra(model, clip) if spectral_cap is not None else None
-    result = analyse_stack(applied, lambda t: base_weight(model, clip, t), base_weight_norms(model, clip),
-                           decorrelate, layer_cap, spectral_cap, spectra)
-    return result.layers, result.overlaps, result.decorrelated, result.capped, result.spectral
+    return analyse_stack(applied, lambda t: base_weight(model, clip, t), base_weight_norms(model, clip),
+                         decorrelate, layer_cap, spectral_cap, spectra)
 
 
 def _bad_rows(node_cls, rows: dict) -> dict[str, str]:
@@ -159,28 +166,28 @@ def _bad_rows(node_cls, rows: dict) -> dict[str, str]:
     return bad
 
 
-def _load_rows(requested, model, clip, problems: list[str], bad_rows: dict, rows: dict
-               ) -> tuple[list, list[StackEntry]]:
+def _load_rows(requested: list[LoRARow], model, clip, problems: list[str], bad_rows: dict, rows: dict
+               ) -> tuple[list[LoadedRow], list[StackEntry]]:
     """Match each row on the host and read its block weights; a bad row is skipped and reported, the
-    rest still apply. Returns (match or None, file name or None, BlockWeights or None) per row kept."""
+    rest still apply."""
     loaded, entries = [], []
-    for label, source, s_model, s_clip, enabled, file_name in requested:
+    for row in requested:
         try:
-            problem = strengths_problem(s_model, s_clip) or bad_rows.get(label)
+            problem = strengths_problem(row.strength_model, row.strength_clip) or bad_rows.get(row.label)
             if problem:
                 raise LoRAError(problem)
-            lora = load_named_lora(source) if isinstance(source, str) else source
-            match = match_on_host(lora, model, clip) if enabled else None
+            lora = load_named_lora(row.source) if isinstance(row.source, str) else row.source
+            match = match_on_host(lora, model, clip) if row.enabled else None
             weights = None
-            if match is not None and label.startswith("row "):
+            if match is not None and row.row is not None:
                 keys = [p.target.key for p in match.patches] + [t.key for t in match.foreign]
-                weights = resolve_block_weights(rows.get(f"blocks_{label.split()[1]}"), keys)
+                weights = resolve_block_weights(rows.get(f"blocks_{row.row}"), keys)
         except (LoRAError, OSError) as e:
-            problems.append(f"SKIPPED {label}: {e}")
-            logging.warning("Stack LoRA: skipped %s: %s", label, e)
+            problems.append(f"SKIPPED {row.label}: {e}")
+            logging.warning("Stack LoRA: skipped %s: %s", row.label, e)
             continue
-        loaded.append((match, file_name, weights))
-        entries.append(StackEntry(f"{label}: {lora.name}", s_model, s_clip, enabled,
+        loaded.append(LoadedRow(match, row.file_name, weights))
+        entries.append(StackEntry(f"{row.label}: {lora.name}", row.strength_model, row.strength_clip, row.enabled,
                                   None if weights is None else weights.ratios))
     return loaded, entries
 
@@ -216,5 +223,5 @@ def _report(effective, problems, capped, overlaps, decorrelated, counts, mode, s
     if decorrelated:
         lines.append(f"  decorrelate scaled {len(decorrelated)} LoRA-layer pairs down")
     for component, c in counts.items():
-        lines.append(f"  {component} patches: {c['merged']} merged, {c['bypassed']} bypass")
+        lines.append(f"  {component} patches: {c.merged} merged, {c.bypassed} bypass")
     return "\n".join(lines)

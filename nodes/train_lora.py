@@ -15,6 +15,7 @@ from comfy_api.latest import io
 from ..lora_core import LoRA, LoRAError, plan_layers
 from ..lora_core.formats import file_sha256
 from ..lora_core.formats.export import build_metadata, kohya_prefix, save_lora
+from ..lora_core.formats.metadata import SCOPE_KEY, TRIGGER_PHRASE_KEY
 from ..lora_core.formats.safetensors_io import data_sha256
 from ..lora_core.plots import render_loss_curve
 from ..lora_core.training import (
@@ -31,11 +32,11 @@ from ..lora_core.training import (
 )
 from ..lora_core.training.state_io import STATE_SUFFIX, load_optimizer_state, save_optimizer_state
 from ..lora_core.version import __version__ as PACK_VERSION
-from .comfy_bridge import MERGE, apply_layers, match_on_host, model_family
+from .comfy_bridge import apply_layers, match_on_host, model_family
 from .file_names import host_names, standard_names
 from .input_checks import check_inputs
 from .lora_files import load_named_lora, lora_names, lora_path, output_path
-from .lw_types import LW_LORA
+from .lw_types import LW_LORA, MERGE, NONE
 from .train_bridge import (
     attach_trainable,
     collate_host_conds,
@@ -55,7 +56,6 @@ from .train_bridge import (
 )
 from .train_preview import render_samples, send_progress
 
-NONE = "None"
 IMAGE_INPUTS = ("images", "reg_images")  # every batch ComfyUI passes is kept
 CAPTION_INPUTS = ("captions", "reg_captions")  # a dataset loader's list: one caption per image
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -349,7 +349,7 @@ class TrainingRun:
         a, model = self.a, self.model
         file_name = os.path.relpath(self.final_path, os.path.dirname(output_path("x")))
         lora = layers_to_lora(self.layers, file_name)
-        lora.metadata = {"lw.scope": a["scope"], "modelspec.trigger_phrase": a["trigger_word"]}
+        lora.metadata = {SCOPE_KEY: a["scope"], TRIGGER_PHRASE_KEY: a["trigger_word"]}
         if os.path.isfile(self.final_path):  # the file holds these weights: a merge names this parent by it
             lora.source_path = self.final_path
         match = match_on_host(lora, model, None)

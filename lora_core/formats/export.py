@@ -31,6 +31,7 @@ from . import families
 from .adapters import LowRankAdapter
 from .keymap import candidate_names
 from .layouts import LoRA
+from .metadata import SCOPE_KEY, TRIGGER_PHRASE_KEY
 from .safetensors_io import PICKLE_SUFFIXES, write_lora_file
 
 KOHYA_IMPLEMENTATION = "https://github.com/kohya-ss/sd-scripts"
@@ -114,7 +115,7 @@ def build_metadata(*, title: str, base_family: str, rank: int, alpha: float, sco
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.implementation": KOHYA_IMPLEMENTATION,
         "modelspec.title": title,
-        "lw.scope": scope,
+        SCOPE_KEY: scope,
         "lw.provenance": json.dumps(provenance, sort_keys=True),
         "lw.version": PACK_VERSION,
     }
@@ -128,7 +129,7 @@ def build_metadata(*, title: str, base_family: str, rank: int, alpha: float, sco
     if date:
         meta["modelspec.date"] = str(date)
     if words:
-        meta["modelspec.trigger_phrase"] = ", ".join(words)
+        meta[TRIGGER_PHRASE_KEY] = ", ".join(words)
         # Counts fall with position so tools that rank tags by frequency keep the given order.
         meta["ss_tag_frequency"] = json.dumps({title: {w: len(words) - i for i, w in enumerate(words)}})
     for key, value in (training or {}).items():

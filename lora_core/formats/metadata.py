@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-SCOPE_KEY = "lw.scope"
+SCOPE_KEY = "lw.scope"  # what the adapter owns; written by export.build_metadata, shown by Load LoRA
+TRIGGER_PHRASE_KEY = "modelspec.trigger_phrase"
 
 
 @dataclass
@@ -37,7 +38,7 @@ def _tag_frequency_triggers(raw: str, limit: int) -> list[str]:
 
 def read_info(metadata: dict[str, str], trigger_limit: int = 8) -> LoRAInfo:
     info = LoRAInfo()
-    phrase = metadata.get("modelspec.trigger_phrase")
+    phrase = metadata.get(TRIGGER_PHRASE_KEY)
     if phrase:
         info.trigger_words = [w.strip() for w in phrase.split(",") if w.strip()]
     for t in _tag_frequency_triggers(metadata.get("ss_tag_frequency", ""), trigger_limit):

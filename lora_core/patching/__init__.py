@@ -4,7 +4,7 @@ forward."""
 from . import block_weights, bypass, factors, matching, plan, weight_patch
 from .bypass import BypassForward, supports_bypass
 from .factors import Factors, stack_factors
-from .matching import MatchResult, format_report, match_lora
+from .matching import ForeignModule, MatchResult, format_report, match_lora
 from .plan import plan_layers
 from .weight_patch import apply_terms, dense_delta
 
@@ -12,7 +12,7 @@ __all__ = [
     "block_weights", "bypass", "factors", "matching", "plan", "weight_patch",
     "BypassForward", "supports_bypass",
     "Factors", "stack_factors",
-    "MatchResult", "format_report", "match_lora",
+    "ForeignModule", "MatchResult", "format_report", "match_lora",
     "plan_layers",
     "apply_terms", "dense_delta",
 ]

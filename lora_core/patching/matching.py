@@ -6,6 +6,7 @@ LoRA made for another base model instead of silently doing nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +20,13 @@ from ..values import CLIP, MODEL, LayerPatch, Target
 
 # Below this share of a component's modules matching, the file is taken as made for another base.
 MIN_MATCH_FRACTION = 0.5
+
+
+class ForeignModule(NamedTuple):
+    """A module ComfyUI core applies itself (an algorithm lora_core does not read, or a layer the host
+    transforms): the name core knows it by, and its tensors under that name."""
+    core_name: str
+    tensors: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -37,7 +45,7 @@ class ComponentCoverage:
 class MatchResult:
     lora: LoRA
     patches: list[LayerPatch]
-    foreign: dict[Target, tuple[str, dict[str, torch.Tensor]]]  # (name core knows, tensors)
+    foreign: dict[Target, ForeignModule]
     coverage: dict[str, ComponentCoverage]
     family: str
     model_family: str
@@ -87,7 +95,7 @@ def match_lora(lora: LoRA, key_map: dict, host_shapes: dict[str, torch.Size], co
     """Resolve every module of `lora` to host weights of the `connected` components."""
     coverage = {MODEL: ComponentCoverage(), CLIP: ComponentCoverage()}
     patches: list[LayerPatch] = []
-    host_handled: dict[Target, tuple[str, dict[str, torch.Tensor]]] = {}
+    host_handled: dict[Target, ForeignModule] = {}
     for prefix, adapter in lora.adapters.items():
         hit = resolve(prefix, key_map)
         component = _target_of(hit[1]).component if hit else (CLIP if is_text_encoder_name(prefix) else MODEL)
@@ -106,15 +114,16 @@ def match_lora(lora: LoRA, key_map: dict, host_shapes: dict[str, torch.Size], co
             continue
         cov.matched.append(prefix)
         if target.function is not None:  # the host transforms this layer's change: let it apply the module
-            host_handled[target] = (hit[0], _as_kohya_tensors(hit[0], adapter))
+            host_handled[target] = ForeignModule(hit[0], _as_kohya_tensors(hit[0], adapter))
             continue
         patches.append(LayerPatch(target, adapter, prefix))
 
-    foreign: dict[Target, tuple[str, dict[str, torch.Tensor]]] = dict(host_handled)
+    foreign: dict[Target, ForeignModule] = dict(host_handled)
     for prefix, tensors in lora.foreign.items():
         hit = resolve(prefix, key_map)
         if hit and _target_of(hit[1]).component in connected:
-            foreign[_target_of(hit[1])] = (hit[0], {k.replace(prefix, hit[0], 1): v for k, v in tensors.items()})
+            foreign[_target_of(hit[1])] = ForeignModule(hit[0], {k.replace(prefix, hit[0], 1): v
+                                                                 for k, v in tensors.items()})
             coverage[_target_of(hit[1]).component].matched.append(prefix)
         else:
             coverage[CLIP if is_text_encoder_name(prefix) else MODEL].unmatched.append(prefix)
