@@ -24,14 +24,19 @@ class LoRARow:
 
 
 def row_inputs(i: int) -> list:
+    """Row i's widgets. The schema declares how they look (an on/off toggle, strength sliders), so a workflow
+    shows its rows that way in an editor without the web extension too."""
     return [
         io.Combo.Input(f"lora_{i}", options=[NONE] + lora_names(), default=NONE, optional=True,
                        tooltip=f"Row {i}: a LoRA file from models/loras (ignored when LORA {i} is connected)."),
         LW_LORA.Input(f"lora_{i}_in", optional=True,
                       tooltip=f"Row {i}: a LoRA from Load/Train/Merge LoRA; used instead of the file."),
-        io.Boolean.Input(f"on_{i}", default=True, optional=True, tooltip=f"Row {i} on or off."),
-        io.Float.Input(f"strength_model_{i}", **STRENGTH, optional=True, tooltip=f"Row {i}: weight on MODEL layers."),
-        io.Float.Input(f"strength_clip_{i}", **STRENGTH, optional=True, tooltip=f"Row {i}: weight on CLIP layers."),
+        io.Boolean.Input(f"on_{i}", default=True, optional=True, label_on="on", label_off="off",
+                         tooltip=f"Row {i} on or off."),
+        io.Float.Input(f"strength_model_{i}", **STRENGTH, optional=True, display_mode=io.NumberDisplay.slider,
+                       tooltip=f"Row {i}: weight on MODEL layers."),
+        io.Float.Input(f"strength_clip_{i}", **STRENGTH, optional=True, display_mode=io.NumberDisplay.slider,
+                       tooltip=f"Row {i}: weight on CLIP layers."),
     ]
 
 

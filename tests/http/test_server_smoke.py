@@ -37,3 +37,16 @@ def test_our_display_names_differ_from_every_other_node_and_ids_stay(comfy_http)
     others = {spec.get("display_name") or name: name for name, spec in info.items() if not name.startswith("LW_")}
     assert others["Load LoRA"] == "LoraLoader" and others["Train LoRA"] == "TrainLoraNode"  # core's, for contrast
     assert not set(ours.values()) & set(others), "a display name is also another node's"
+
+
+def test_row_widgets_declare_their_toggle_and_sliders(comfy_http):
+    """Stack and Merge LoRA's rows look like the row editor's (an on/off toggle, strength sliders) in an editor
+    without the web extension: the schema says so."""
+    info = comfy_http.get_json("/object_info")
+    for node, rows in (("LW_StackLoRA", 6), ("LW_MergeLoRA", 4)):
+        inputs = {**info[node]["input"]["required"], **info[node]["input"].get("optional", {})}
+        for i in range(1, rows + 1):
+            assert (inputs[f"on_{i}"][1]["label_on"], inputs[f"on_{i}"][1]["label_off"]) == ("on", "off")
+            for part in ("model", "clip"):
+                spec = inputs[f"strength_{part}_{i}"][1]
+                assert (spec["display"], spec["min"], spec["max"], spec["step"]) == ("slider", -10.0, 10.0, 0.01)
