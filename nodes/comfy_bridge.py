@@ -102,28 +102,42 @@ def _host_keys(module: torch.nn.Module, builder) -> tuple[dict, dict]:
     return _HOST_CACHE[module]
 
 
-# Match results per live model and LoRA: a re-run after a strength change matches nothing again.
-_MATCH_CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, tuple]]" = weakref.WeakKeyDictionary()
-caches.register("matches", _MATCH_CACHE.clear)
+# Match results per LoRA and live MODEL/CLIP: a re-run after a strength change matches nothing again. A result
+# holds its LoRA, so the memo is the LoRA's own (LoRA.memos["matches"]) and goes with it; the modules are
+# held weakly. _MATCHED finds those memos for caches.clear.
+_MATCHED: "weakref.WeakValueDictionary[int, LoRA]" = weakref.WeakValueDictionary()
+
+
+def _clear_matches() -> None:
+    for lora in list(_MATCHED.values()):
+        lora.memos.pop("matches", None)
+    _MATCHED.clear()
+
+
+caches.register("matches", _clear_matches)
 
 
 def match_on_host(lora: LoRA, model=None, clip=None, allow_partial: bool = False) -> MatchResult:
     """match_lora against the connected MODEL/CLIP; memoised while the LoRA and the modules live."""
     model_module = None if model is None else model.model
     clip_module = None if clip is None else clip.cond_stage_model
-    anchor = model_module if model_module is not None else clip_module
-    if anchor is None:
+    if model_module is None and clip_module is None:
         return _match(lora, model, clip, allow_partial)
-    memo = _MATCH_CACHE.setdefault(anchor, {})
-    key = (id(lora), id(clip_module), allow_partial)
+    memo = lora.memos.setdefault("matches", {})
+    key = (id(model_module), id(clip_module), allow_partial)
     hit = memo.get(key)
-    if hit is not None and _alive(hit) and hit[0]() is lora and _deref(hit[1]) is clip_module:
+    if hit is not None and _deref(hit[0]) is model_module and _deref(hit[1]) is clip_module:
         return hit[2]
     result = _match(lora, model, clip, allow_partial)
     for stale in [k for k, entry in memo.items() if not _alive(entry)]:
         del memo[stale]
-    memo[key] = (weakref.ref(lora), None if clip_module is None else weakref.ref(clip_module), result)
+    memo[key] = (_weak(model_module), _weak(clip_module), result)
+    _MATCHED[id(lora)] = lora
     return result
+
+
+def _weak(module):
+    return None if module is None else weakref.ref(module)
 
 
 def _deref(ref):
@@ -131,9 +145,9 @@ def _deref(ref):
 
 
 def _alive(entry) -> bool:
-    """A memo entry whose LoRA (and CLIP, where one was connected) still exist."""
-    lora_ref, clip_ref, _ = entry
-    return lora_ref() is not None and (clip_ref is None or clip_ref() is not None)
+    """A memo entry whose MODEL and CLIP (those that were connected) still exist."""
+    model_ref, clip_ref, _ = entry
+    return (model_ref is None or model_ref() is not None) and (clip_ref is None or clip_ref() is not None)
 
 
 def _match(lora: LoRA, model, clip, allow_partial: bool) -> MatchResult:
@@ -197,10 +211,11 @@ caches.register("modules", _MODULES.clear)
 
 
 def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    """root's submodule at a dotted path, from a per-model table (walking 128 paths per node adds up)."""
+    """root's submodule at a dotted path, from a per-model table (walking 128 paths per node adds up). The
+    table leaves root itself out: a value holding its weak key would keep the model alive."""
     table = _MODULES.get(root)
     if table is None:
-        table = _MODULES[root] = dict(root.named_modules())
+        table = _MODULES[root] = {name: module for name, module in root.named_modules() if module is not root}
     module = table.get(path)
     return module if module is not None else comfy.utils.get_attr(root, path)
 

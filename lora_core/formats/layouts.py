@@ -62,6 +62,9 @@ class LoRA:
     source_path: str | None = None
     sha256: str | None = None
     alpha_sources: dict[str, str] = field(default_factory=dict)  # module -> where its alpha came from
+    # Memos of results that hold this LoRA (its matches on live models): kept here, they go with the LoRA;
+    # kept anywhere else, they would keep it alive. lora_core/caches.py lists them.
+    memos: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def ranks(self) -> list[int]:

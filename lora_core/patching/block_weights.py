@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from .. import caches
 from ..errors import LoRAError
 
 BASE = "BASE"
@@ -287,3 +288,8 @@ def strength_at(strength: tuple, target) -> float:
         if value is not None:
             return float(value)
     return float(strength[0])
+
+
+# The lru_caches above memoise pure functions of host keys and texts; lora_core/caches.py lists them.
+caches.register("block_keys", lambda: (block_of_key.cache_clear(), block_label.cache_clear(),
+                                    parse_block_weights.cache_clear()))

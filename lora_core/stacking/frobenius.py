@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import caches
 from ..errors import LoRAShapeError
 from ..formats.adapters import Adapter
 from ..patching.factors import stack_factors
@@ -131,25 +132,32 @@ def gram(adapters: Sequence[Adapter]) -> list[list[float]] | None:
     return table
 
 
+# <dW_a, dW_b>_F at strength 1 per adapter pair: {a: {id(b): (weak ref to b, dot)}}, a the pair's adapter
+# with the lower id. Weak on both: an entry goes with a, and one whose b is gone is never read.
+_PAIR_DOTS: "weakref.WeakKeyDictionary[Adapter, dict[int, tuple[weakref.ref, float]]]" = weakref.WeakKeyDictionary()
+caches.register("pair_dots", _PAIR_DOTS.clear)
+
+
 def _ordered(a: Adapter, b: Adapter) -> tuple[Adapter, Adapter]:
     return (b, a) if id(a) > id(b) else (a, b)  # symmetric: one entry per unordered pair
 
 
 def _memo_get(a: Adapter, b: Adapter) -> float | None:
     a, b = _ordered(a, b)
-    hit = a.__dict__.get("_lw_pair_dots", {}).get(id(b))
+    row = _PAIR_DOTS.get(a)
+    hit = None if row is None else row.get(id(b))
     return hit[1] if hit is not None and hit[0]() is b else None
 
 
 def _memo_put(a: Adapter, b: Adapter, dot: float) -> None:
     a, b = _ordered(a, b)
-    a.__dict__.setdefault("_lw_pair_dots", {})[id(b)] = (weakref.ref(b), dot)
+    _PAIR_DOTS.setdefault(a, {})[id(b)] = (weakref.ref(b), dot)
 
 
 def adapter_inner(a: Adapter, b: Adapter) -> float | None:
     """<dW_a, dW_b>_F at strength 1 of two low-rank adapters of one layer; None when either has no
-    (up, down) form, so the caller takes the dense route. Memoised on the first adapter, keyed by
-    the other's id and checked against a weak reference (an id can be reused once freed)."""
+    (up, down) form, so the caller takes the dense route. Memoised per pair while both adapters live
+    (the pair_dots cache of lora_core.caches)."""
     hit = _memo_get(a, b)
     if hit is not None:
         return hit

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Union
 
+from .. import caches
 from ..errors import LoRASettingsError
 from ..patching.plan import plan_layers
 from ..values import Target, Term
@@ -260,3 +261,7 @@ def block_table(overlaps: Sequence[LayerOverlap]) -> tuple[list[str], list[str],
             line.append(math.nan if acc is None else cosine_from(acc[0], math.sqrt(acc[1]), math.sqrt(acc[2])))
         values.append(line)
     return list(rows), cols, values
+
+
+# The lru_caches above memoise pure functions of host keys and texts; lora_core/caches.py lists them.
+caches.register("block_names", block_of.cache_clear)

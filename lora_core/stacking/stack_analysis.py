@@ -71,10 +71,8 @@ def stack_shape(entries: Sequence[tuple[str, MatchResult]]) -> StackShape | None
         _SHAPES.move_to_end(key)
         return hit[1]
     shape = _build(entries)
-    # A shape holds its adapters: drop those whose matches are gone, and keep only the last few.
-    for stale in [k for k, (refs, _) in _SHAPES.items() if any(ref() is None for ref in refs)]:
-        del _SHAPES[stale]
-    _SHAPES[key] = ([weakref.ref(match) for _, match in entries], shape)
+    # A shape holds its adapters: it goes as soon as one of its matches goes, and only the last few are kept.
+    _SHAPES[key] = ([weakref.ref(match, lambda _, key=key: _SHAPES.pop(key, None)) for _, match in entries], shape)
     while len(_SHAPES) > _SHAPES_KEPT:
         _SHAPES.popitem(last=False)
     return shape
