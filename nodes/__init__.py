@@ -5,3 +5,5 @@ from .stack_lora import StackLoRA
 from .train_lora import TrainLoRA
 
 NODE_LIST = [LoadLoRA, StackLoRA, TrainLoRA, MergeLoRA]
+
+__all__ = ["LoadLoRA", "MergeLoRA", "StackLoRA", "TrainLoRA", "NODE_LIST"]
