@@ -19,10 +19,11 @@ import json
 import math
 import re
 
+from .keymap import PEFT_ROOT
+
 METADATA_KEY = "lora_adapter_metadata"
 # PEFT LoraConfig defaults (peft 0.21): what a config without the key means.
 DEFAULT_R, DEFAULT_ALPHA = 8, 8
-PEFT_ROOT = "base_model.model."
 # Where the alpha of a module came from (LoRA.alpha_sources values start with one of these).
 FROM_FILE = "the file's .alpha"
 NO_ALPHA = "none in the file: alpha = rank"
