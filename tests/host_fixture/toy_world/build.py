@@ -1,8 +1,9 @@
-"""Build the toy world's models into a ComfyUI install: deterministic, about 15 minutes on 2 cores.
+"""Build the toy world's models into a ComfyUI install: deterministic, about 20 minutes on 2 cores.
 
   checkpoints/lw_toy_sd15.safetensors  SD1.5-layout checkpoint Load Checkpoint opens (it detects
       as the tiny SD1.5 config, tests/host_fixture/tiny_models.py): the UNet trained here on the
-      base world, the tiny CLIP-L text encoder (seeded, frozen: the UNet learns to read it), and
+      base world, the tiny CLIP-L text encoder (seeded, frozen, made to read by word: the UNet
+      learns to read it), and
       the autoencoder trained here as a TAESD-layout VAE.
   lw_toy_world/detector.safetensors    the detector (toy_world/detector.py).
   lw_toy_world/report.json             what the build measured: autoencoder PSNR, detector accuracy,
@@ -29,16 +30,27 @@ CHECKPOINT = "checkpoints/lw_toy_sd15.safetensors"
 DETECTOR = "lw_toy_world/detector.safetensors"
 REPORT = "lw_toy_world/report.json"
 CHECK_SHEET = "lw_toy_world/base_model_check.png"  # what the check below read: one row per 12 scenes
-# The toy UNet: the tiny SD1.5 layout (so it detects as the registered tiny config), two ResBlocks a level.
-UNET_OVERRIDES = {"num_res_blocks": [2, 2], "transformer_depth": [1, 1, 1, 1],
-                  "transformer_depth_output": [1, 1, 1, 1, 1, 1]}
+# The toy UNet: the tiny SD1.5 layout itself (so it detects as the registered tiny config), 1.06 M
+# parameters: a training step takes two thirds of the time two ResBlocks a level (1.54 M) take.
+UNET_OVERRIDES: dict = {}
+# The text encoder: the tiny CLIP-L, seeded and frozen, with its position embeddings and residual
+# branches scaled down so each word's output is mostly the word itself, as a trained CLIP reads
+# these short captions. At full random scale every token carries its position: a trigger word
+# first ("lwstar, a red ...") shifted each word of the caption and the UNet misread it (the same
+# word 3 tokens later kept cosine 0.48 on average, min -0.15; scaled like this 0.89, min 0.62).
+CLIP_SCALES = {"position_embedding.weight": 0.1, "out_proj.weight": 0.3, "fc2.weight": 0.3}
+# Words put before a quarter of the training captions ("zorp, a red ..."): the UNet learns to read
+# the caption's words wherever they stand and to ignore a word it does not know.
+FILLER_WORDS = ("zorp", "blick", "quem", "vash", "trel", "morf", "glim", "dask", "pune", "krob", "yelt", "fosh")
 # (folder under input/, kind, value or None for the base world, trigger word)
 DATASETS = [("lw_toy_star", "shape", "star", "lwstar"), ("lw_toy_dotted", "texture", "dotted", "lwdots"),
             ("lw_toy_purple", "colour", "purple", "lwpurple"), ("lw_toy_base", None, None, "")]
 DATASET_SIZE = 20
+# The autoencoder's 2000 steps are what the dotted texture needs: at 1200 it reached 23.7 dB, the
+# detector read textures 79% right on its reconstructions and the base model drew them in 77%.
 RECIPE = {"autoencoder": {"images": 8000, "steps": 2000, "batch": 32},
           "detector": {"images": 6000, "steps": 900, "batch": 64},
-          "unet": {"images": 16000, "steps": 4000, "batch": 64, "lr": 1e-3},
+          "unet": {"images": 16000, "steps": 4000, "batch": 64, "lr": 1e-3, "prefixed": 0.25},
           "check": {"seeds": 2, "steps": 30, "cfg": 3.0}}
 
 
@@ -83,6 +95,18 @@ def encode_captions(checkpoint: Path, captions: list[str]):
     _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_model=False)
     with torch.no_grad():
         return torch.cat([clip.encode_from_tokens(clip.tokenize(c)).float() for c in captions])
+
+
+def toy_clip() -> dict:
+    """The tiny CLIP-L's seeded weights, scaled by CLIP_SCALES (SD1.5 files carry no projection)."""
+    import tiny_models
+    clip = tiny_models.random_state_dict(tiny_models.build_clip_l(), tiny_models.SEED + 1)
+    clip.pop("text_projection.weight")
+    for key in clip:
+        for suffix, scale in CLIP_SCALES.items():
+            if key.endswith(suffix):
+                clip[key] = clip[key] * scale
+    return clip
 
 
 def write_datasets(input_dir: Path) -> list[str]:
@@ -143,8 +167,7 @@ def train_parts(report: dict, ae=None, log=_log):
     taesd_shapes = {k: tuple(v.shape) for k, v in comfy.taesd.taesd.TAESD(latent_channels=4).state_dict().items()}
     vae = autoencoder.padded_to_taesd(ae.state_dict(), taesd_shapes)
     vae["vae_scale"], vae["vae_shift"] = torch.tensor(0.18215), torch.tensor(0.0)  # SD1.5's latent scale cancels
-    clip = tiny_models.random_state_dict(tiny_models.build_clip_l(), tiny_models.SEED + 1)
-    clip.pop("text_projection.weight")
+    clip = toy_clip()
     unet = tiny_models.build_unet(unet_config(), tiny_models.SD15_HEADS)
     diffusion.init_weights(unet, SEED)
 
@@ -155,25 +178,27 @@ def train_parts(report: dict, ae=None, log=_log):
 
     # 4. captions through ComfyUI's own CLIP path, then the UNet on the base world only
     t = time.perf_counter()
-    captions = [s.caption() for s in world.base_scenes()] + [""]
+    captions = [s.caption() for s in world.base_scenes()]
+    variants = [""] + [f"{word}, " for word in FILLER_WORDS]
     with tempfile.TemporaryDirectory() as tmp:
         provisional = Path(tmp) / "provisional.safetensors"
         _save(checkpoint_sd(), provisional, {}, torch.float32)
-        contexts = encode_captions(provisional, captions)
+        encoded = encode_captions(provisional, [v + c for v in variants for c in captions] + [""])
+    contexts, empty = encoded[:-1].unflatten(0, (len(variants), len(captions))), encoded[-1]
     r = RECIPE["unet"]
     base_images, base_chosen = world.dataset(world.base_scenes(), r["images"], SEED + 3)
     with torch.no_grad():
         x = torch.from_numpy(base_images).permute(0, 3, 1, 2).float() / 255
         latents = torch.cat([ae.taesd_encoder(b) for b in x.split(512)])
     caption_index = torch.tensor([captions.index(s.caption()) for s in base_chosen])
-    diffusion.train_unet(unet, latents, contexts, caption_index, len(captions) - 1, r["steps"], r["batch"], SEED,
-                         lr=r["lr"], log=log)
+    diffusion.train_unet(unet, latents, contexts, caption_index, empty, r["steps"], r["batch"], SEED,
+                         lr=r["lr"], prefixed=r["prefixed"], log=log)
     timings["unet"] = round(time.perf_counter() - t, 1)
-    check_base_model(report, unet, ae, det, contexts, captions)
+    check_base_model(report, unet, ae, det, contexts[0], empty, captions)
     return checkpoint_sd(), det, ae
 
 
-def check_base_model(report: dict, unet, ae, det, contexts, captions) -> None:
+def check_base_model(report: dict, unet, ae, det, contexts, empty, captions) -> None:
     """Does it draw what its captions say? Every base scene, a few seeds, read by the detector."""
     import torch
 
@@ -182,7 +207,7 @@ def check_base_model(report: dict, unet, ae, det, contexts, captions) -> None:
     scenes = world.base_scenes() * r["seeds"]
     ctx = torch.stack([contexts[captions.index(s.caption())] for s in scenes])
     with torch.no_grad():
-        z = diffusion.ddim_sample(unet, ctx, contexts[-1:].expand_as(ctx), (len(scenes), 4, 8, 8), SEED,
+        z = diffusion.ddim_sample(unet, ctx, empty.expand_as(ctx), (len(scenes), 4, 8, 8), SEED,
                                   r["steps"], r["cfg"])
         drawn = ae.taesd_decoder(z).clamp(0, 1).permute(0, 2, 3, 1)
     read = det.read(drawn)

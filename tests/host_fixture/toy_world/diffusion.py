@@ -44,11 +44,15 @@ def loss_weights(max_weight: float = 10.0) -> torch.Tensor:
 
 
 def train_unet(unet: nn.Module, latents: torch.Tensor, contexts: torch.Tensor, caption_index: torch.Tensor,
-               empty_index: int, steps: int, batch: int, seed: int, lr: float = 1e-3, ema_decay: float = 0.998,
-               log=print) -> nn.Module:
-    """latents [N, 4, h, w]; contexts [C, 77, D] (one per caption); caption_index [N]; a tenth of
-    the samples get the empty caption, so classifier-free guidance works. Returns the weights'
-    exponential moving average (a small model's samples are much cleaner from it)."""
+               empty: torch.Tensor, steps: int, batch: int, seed: int, lr: float = 1e-3, ema_decay: float = 0.998,
+               prefixed: float = 0.25, log=print) -> nn.Module:
+    """latents [N, 4, h, w]; contexts [V, C, 77, D]: each of the C captions plain (V index 0) and
+    behind V - 1 filler words ("zorp, a red ..."); caption_index [N] into C; empty [77, D].
+
+    A share `prefixed` of the samples reads a filler-prefixed caption, so the model learns to read
+    its words wherever they stand (a user's trigger word comes first and shifts them all); a tenth
+    gets the empty caption, so classifier-free guidance works. Returns the weights' exponential
+    moving average (a small model's samples are much cleaner from it)."""
     gen = torch.Generator().manual_seed(seed)
     abar, weights = alphas_cumprod(), loss_weights()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -59,13 +63,16 @@ def train_unet(unet: nn.Module, latents: torch.Tensor, contexts: torch.Tensor, c
     for step in range(steps):
         idx = torch.randint(0, latents.shape[0], (batch,), generator=gen)
         z = latents[idx]
-        cap = caption_index[idx].clone()
-        cap[torch.rand(batch, generator=gen) < 0.1] = empty_index
+        variant = torch.randint(1, contexts.shape[0], (batch,), generator=gen) if contexts.shape[0] > 1 \
+            else torch.zeros(batch, dtype=torch.long)
+        variant[torch.rand(batch, generator=gen) >= prefixed] = 0
+        context = contexts[variant, caption_index[idx]]
+        context[torch.rand(batch, generator=gen) < 0.1] = empty
         t = torch.randint(0, TIMESTEPS, (batch,), generator=gen)
         eps = torch.randn(z.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         x = a.sqrt() * z + (1 - a).sqrt() * eps
-        pred = unet(x, timesteps=t.float(), context=contexts[cap])
+        pred = unet(x, timesteps=t.float(), context=context)
         loss = ((pred - eps).pow(2).mean((1, 2, 3)) * weights[t]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -105,8 +105,11 @@ class ToyWorld:
         """core's Train LoRA (TrainLoraNode) on the same images, captions (with the trigger), steps and
         rank, through the VAE Encode and CLIP Text Encode nodes its workflows use; returns
         (MODEL with the LoRA at strength 1 through core's LoraModelLoader, seconds)."""
-        latents = self.nodes["VAEEncode"]().encode(self.vae, images)[0]
-        positive = [self.encode(self.clip, f"{concept.trigger}, {c}") for c in captions]
+        with torch.inference_mode():  # as ComfyUI's executor runs every node: outside it the latents carry
+            # a graph back through the VAE, and core's second training step fails ("backward through the
+            # graph a second time"), with or without this pack's nodes run before it
+            latents = self.nodes["VAEEncode"]().encode(self.vae, images)[0]
+            positive = [self.encode(self.clip, f"{concept.trigger}, {c}") for c in captions]
         began = time.perf_counter()
         out = self.nodes["TrainLoraNode"].execute(
             model=[self.model], latents=[latents], positive=positive, batch_size=[batch_size], steps=[steps],
