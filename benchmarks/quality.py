@@ -29,6 +29,7 @@ from lwbench import host as hostmod  # noqa: E402
 
 # Goals from issue 16; each figure is printed beside its goal and both sides' numbers.
 GOALS = {"concept": 0.80, "scope": 0.95}
+V_PRED_LIKE = 1.0  # Train LoRA's v_pred_like_loss in the third run of each concept (kohya's option)
 FIGURE = HERE.parent / "docs" / "images" / "toy_world_quality.png"
 
 
@@ -103,6 +104,13 @@ class Bench:
         runs["ours + regularisation"] = {"seconds": round(seconds, 1), **self.figures(model, concept)}
         if concept_name == "star":
             self.keep_for_figure("ours + regularisation", model)
+        log(f"{concept_name}: ours, with regularisation and v_pred_like_loss {V_PRED_LIKE}")
+        model, lora_vpl, seconds = self.toy.train_ours(concept, images, captions, self.steps, name=f"{concept_name}_vpl",
+                                                       reg=reg, v_pred_like_loss=V_PRED_LIKE)
+        runs[f"ours + regularisation + v_pred_like_loss {V_PRED_LIKE}"] = {"seconds": round(seconds, 1),
+                                                                          **self.figures(model, concept)}
+        if concept_name == "star":
+            self.keep_for_figure(f"ours + reg + v_pred_like_loss {V_PRED_LIKE}", model)
         log(f"{concept_name}: core TrainLoraNode")
         try:
             model, seconds = self.toy.train_core(concept, images, captions, self.steps)
@@ -113,7 +121,7 @@ class Bench:
             if concept_name == "star":
                 self.keep_for_figure("core TrainLoraNode", model)
         out["runs"] = runs
-        self.loras[concept_name] = {"plain": lora, "reg": lora_reg}
+        self.loras[concept_name] = {"plain": lora, "reg": lora_reg, "reg_vpl": lora_vpl}
         return out
 
     def keep_for_figure(self, label: str, model, clip=None) -> None:
@@ -169,7 +177,7 @@ class Bench:
     def stacking(self) -> dict:
         q = self.q
         a, b = q.CONCEPTS["star"], q.CONCEPTS["dotted"]
-        loras = [self.loras["star"]["reg"], self.loras["dotted"]["reg"]]
+        loras = [self.loras["star"]["reg_vpl"], self.loras["dotted"]["reg_vpl"]]
         out = {}
         for label, clamps, decorrelate in (("1.0 each, no clamps", "off", False), ("default clamps", "defaults", False),
                                            ("default clamps + decorrelate", "defaults", True)):
@@ -184,7 +192,7 @@ class Bench:
     def merging(self) -> dict:
         q = self.q
         a, b = q.CONCEPTS["star"], q.CONCEPTS["dotted"]
-        loras = [self.loras["star"]["reg"], self.loras["dotted"]["reg"]]
+        loras = [self.loras["star"]["reg_vpl"], self.loras["dotted"]["reg_vpl"]]
         node = self.toy.nodes["LW_MergeLoRA"]
         ref_model, ref_clip = self.stack_reference
         scenes = self.concept_scenes(a)

@@ -134,6 +134,11 @@ class TrainLoRA(io.ComfyNode):
                 io.String.Input("reg_captions", optional=True, multiline=True, default="",
                                 tooltip="Captions of the regularisation images: one per line, or a dataset "
                                         "loader's texts."),
+                io.Float.Input("v_pred_like_loss", optional=True, default=0.0, min=0.0, max=10.0, step=0.1,
+                               tooltip="kohya's option: adds this much of a v-prediction-like loss, which weights "
+                                       "the noisiest steps (where shapes and layout are decided) more. Helps a "
+                                       "LoRA learn a new shape or object; 0 is off. Epsilon models (SD1.5, SDXL) "
+                                       "only: v-prediction and flow models already weight those steps."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The base model with the new LoRA applied."),
@@ -166,7 +171,8 @@ def _settings(a: dict) -> TrainSettings:
     return TrainSettings(steps=a["steps"], learning_rate=a["learning_rate"], batch_size=a["batch_size"],
                          grad_accumulation=a["grad_accumulation"], optimizer=a["optimizer"],
                          lr_schedule=a["lr_schedule"], warmup_steps=min(a["warmup_steps"], a["steps"]),
-                         seed=a["seed"], noise_offset=a["noise_offset"], min_snr_gamma=a["min_snr_gamma"])
+                         seed=a["seed"], noise_offset=a["noise_offset"], min_snr_gamma=a["min_snr_gamma"],
+                         v_pred_like_loss=a.get("v_pred_like_loss", 0.0))
 
 
 def _run(a: dict, node_id):

@@ -34,6 +34,7 @@ class TrainSettings:
     seed: int = 0
     noise_offset: float = 0.0
     min_snr_gamma: float = 5.0
+    v_pred_like_loss: float = 0.0  # epsilon models only (kohya's option of the same name)
     max_grad_norm: float = 1.0
 
     def validate(self) -> None:
@@ -138,7 +139,7 @@ def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parame
             if target is not None:
                 with torch.no_grad():
                     x0 = target(x_t, sigma, cond)
-            weight = noise_model.loss_weight(sigma, settings.min_snr_gamma)
+            weight = noise_model.loss_weight(sigma, settings.min_snr_gamma, settings.v_pred_like_loss)
             loss = weighted_x0_loss(denoise(x_t, sigma, cond), x0, weight)
             if not torch.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,16 @@ class NoiseModel:
             return ((1.0 - sigma) / sigma) ** 2
         return 1.0 / sigma ** 2
 
-    def loss_weight(self, sigma: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
+    def loss_weight(self, sigma: torch.Tensor, min_snr_gamma: float, v_pred_like: float = 0.0) -> torch.Tensor:
+        weight = self._base_weight(sigma, min_snr_gamma)
+        if v_pred_like > 0 and self.prediction == EPS:
+            # kohya's --v_pred_like_loss: loss + v_pred_like * loss * (SNR + 1) / SNR, which weights
+            # the high-noise steps, where shapes and layout are decided, like v-prediction does
+            snr = self.snr(sigma)
+            weight = weight * (1.0 + v_pred_like * (snr + 1.0) / snr)
+        return weight
+
+    def _base_weight(self, sigma: torch.Tensor, min_snr_gamma: float) -> torch.Tensor:
         snr = self.snr(sigma)
         if min_snr_gamma > 0:
             return torch.clamp(snr, max=min_snr_gamma)

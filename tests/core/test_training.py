@@ -196,3 +196,15 @@ def test_targets_and_buckets():
     assert nearest_bucket(1024, 512, sizes)[0] > nearest_bucket(1024, 512, sizes)[1]
     img = torch.rand(300, 200, 3)
     assert fit_image(img, 128, 192).shape == (192, 128, 3)
+
+
+def test_v_pred_like_loss_weights_noisy_steps_as_kohya_does():
+    """kohya's --v_pred_like_loss: loss + lambda * loss * (SNR + 1) / SNR, on top of min-SNR (x0 space here)."""
+    from lora_core.training.objective import V_PRED, simple_noise_model
+    eps = simple_noise_model(EPS)
+    sigma = torch.tensor([2.0, 0.1])                      # SNR 0.25 and 100
+    assert torch.allclose(eps.loss_weight(sigma, 5.0), torch.tensor([0.25, 5.0]))
+    assert torch.allclose(eps.loss_weight(sigma, 5.0, 1.0), torch.tensor([0.25 * 6.0, 5.0 * 2.01]))
+    # the noisy step gains 6x, the clean one 2x: the balance moves to where shapes are decided
+    assert torch.allclose(simple_noise_model(V_PRED).loss_weight(sigma, 5.0, 1.0),
+                          simple_noise_model(V_PRED).loss_weight(sigma, 5.0))

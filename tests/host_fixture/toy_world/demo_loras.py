@@ -17,6 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 STEPS = 400
+V_PRED_LIKE = 1.0  # kohya's v_pred_like_loss: weights the noisy steps where a new shape is decided
 OUTPUT = "lw_toy/{value}.safetensors"  # under models/loras
 
 
@@ -49,7 +50,7 @@ def main() -> None:
         written = []
         for value, concept in quality.CONCEPTS.items():
             images, captions = quality.images_of(concept.scenes(), 20, seed=31)
-            toy.train_ours(concept, images, captions, STEPS, name=value, reg=reg)
+            toy.train_ours(concept, images, captions, STEPS, name=value, reg=reg, v_pred_like_loss=V_PRED_LIKE)
             written.append("loras/" + OUTPUT.format(value=value))
             print(f"[toy_world] trained {written[-1]}", file=sys.stderr, flush=True)
         loop.close()

@@ -83,7 +83,7 @@ class ToyWorld:
     # ------------------------------------------------------------ training
     def train_ours(self, concept: Concept, images: torch.Tensor, captions: list[str], steps: int, rank: int = 8,
                    learning_rate: float = 2e-3, name: str = "toy", reg: tuple | None = None, seed: int = 0,
-                   batch_size: int = 4):
+                   batch_size: int = 4, v_pred_like_loss: float = 0.0):
         """Train LoRA (Workbench) at the node; returns (MODEL with the LoRA, LORA, seconds)."""
         node = self.nodes["LW_TrainLoRA"]
         args = dict(model=self.model, clip=self.clip, vae=self.vae, images=images, captions=captions,
@@ -96,6 +96,8 @@ class ToyWorld:
         lists = {k: ([v] if k != "captions" else [*v]) for k, v in args.items()}
         if reg is not None:
             lists["reg_images"], lists["reg_captions"] = [reg[0]], [*reg[1]]
+        if v_pred_like_loss:
+            lists["v_pred_like_loss"] = [v_pred_like_loss]
         began = time.perf_counter()
         out = node.execute(**lists)
         return out.args[0], out.args[2], time.perf_counter() - began
