@@ -29,7 +29,8 @@ from lwbench import host as hostmod  # noqa: E402
 
 # Goals from issue 16; each figure is printed beside its goal and both sides' numbers.
 GOALS = {"concept": 0.80, "scope": 0.95}
-V_PRED_LIKE = 1.0  # Train LoRA's v_pred_like_loss in the third run of each concept (kohya's option)
+V_PRED_LIKE = 1.0  # Train LoRA's v_pred_like_loss in the third and fourth runs of each concept (kohya's option)
+FEED_FORWARD = "attention + feed-forward"  # the fourth run's targets; its LoRAs are the ones stacked and merged
 FIGURE = HERE.parent / "docs" / "images" / "toy_world_quality.png"
 
 
@@ -111,6 +112,13 @@ class Bench:
                                                                           **self.figures(model, concept)}
         if concept_name == "star":
             self.keep_for_figure(f"ours + reg + v_pred_like_loss {V_PRED_LIKE}", model)
+        log(f"{concept_name}: ours, the same and feed-forward layers too")
+        model, lora_ff, seconds = self.toy.train_ours(concept, images, captions, self.steps, name=f"{concept_name}_ff",
+                                                      reg=reg, v_pred_like_loss=V_PRED_LIKE, targets=FEED_FORWARD)
+        runs[f"ours + regularisation + v_pred_like_loss {V_PRED_LIKE} + feed-forward"] = {
+            "seconds": round(seconds, 1), **self.figures(model, concept)}
+        if concept_name == "star":
+            self.keep_for_figure("ours + reg + v_pred_like_loss + feed-forward", model)
         log(f"{concept_name}: core TrainLoraNode")
         try:
             model, seconds = self.toy.train_core(concept, images, captions, self.steps)
@@ -121,7 +129,7 @@ class Bench:
             if concept_name == "star":
                 self.keep_for_figure("core TrainLoraNode", model)
         out["runs"] = runs
-        self.loras[concept_name] = {"plain": lora, "reg": lora_reg, "reg_vpl": lora_vpl}
+        self.loras[concept_name] = {"plain": lora, "reg": lora_reg, "reg_vpl": lora_vpl, "recommended": lora_ff}
         return out
 
     def keep_for_figure(self, label: str, model, clip=None) -> None:
@@ -177,7 +185,7 @@ class Bench:
     def stacking(self) -> dict:
         q = self.q
         a, b = q.CONCEPTS["star"], q.CONCEPTS["dotted"]
-        loras = [self.loras["star"]["reg_vpl"], self.loras["dotted"]["reg_vpl"]]
+        loras = [self.loras["star"]["recommended"], self.loras["dotted"]["recommended"]]
         out = {}
         for label, clamps, decorrelate in (("1.0 each, no clamps", "off", False), ("default clamps", "defaults", False),
                                            ("default clamps + decorrelate", "defaults", True)):
@@ -192,7 +200,7 @@ class Bench:
     def merging(self) -> dict:
         q = self.q
         a, b = q.CONCEPTS["star"], q.CONCEPTS["dotted"]
-        loras = [self.loras["star"]["reg_vpl"], self.loras["dotted"]["reg_vpl"]]
+        loras = [self.loras["star"]["recommended"], self.loras["dotted"]["recommended"]]
         node = self.toy.nodes["LW_MergeLoRA"]
         ref_model, ref_clip = self.stack_reference
         scenes = self.concept_scenes(a)

@@ -61,15 +61,28 @@ def star_training(toy):
     concept = quality.CONCEPTS["star"]
     images, captions = quality.images_of(concept.scenes(), 20, seed=31)
     reg = quality.images_of(world.base_scenes(), 20, seed=32)
-    model, lora, seconds = toy.train_ours(concept, images, captions, STEPS, name="test_star", reg=reg)
+    model, lora, seconds = toy.train_ours(concept, images, captions, STEPS, name="test_star", reg=reg,
+                                          v_pred_like_loss=1.0, targets="attention + feed-forward")
     return {"concept": concept, "model": model, "lora": lora, "images": images, "captions": captions}
 
 
 STEPS = 300
-# Measured 2026-11-30 on the 2-core CI machine: scope 92% same detections, merge 100%.
-SCOPE_MIN = 0.8
+# Measured 2026-11-30 on the 2-core CI machine (the world that reads by word; 300 steps, 20 regularisation
+# images, v_pred_like_loss 1, attention + feed-forward): concept 62% of 16 triggered samples (base model 0%),
+# scope 96%; merge 100% (benchmarks/quality.py has the full figures).
+CONCEPT_MIN = 0.25
+SCOPE_MIN = 0.85
 MERGE_SAME_MIN = 0.8
 SCOPE_SCENES = world.base_scenes()[::8]                          # 12 untriggered prompts
+
+
+def test_trained_lora_draws_the_held_out_shape_its_trigger_asks_for(toy, star_training):
+    concept = star_training["concept"]
+    prompts = [concept.prompt(s) for s in concept.scenes()[::6]]  # 8 triggered prompts, 2 seeds each
+    base = quality.share_showing(toy.read(toy.draw(toy.model, prompts, SEED, 2)), "shape", "star")
+    learned = quality.share_showing(toy.read(toy.draw(star_training["model"], prompts, SEED, 2)), "shape", "star")
+    assert base <= 0.125, f"the base model drew a star in {base:.0%} of triggered samples: nothing left to learn"
+    assert learned >= CONCEPT_MIN, f"with the LoRA, {learned:.0%} of triggered samples show a star"
 
 
 def test_trained_lora_keeps_prompts_without_its_trigger(toy, star_training):

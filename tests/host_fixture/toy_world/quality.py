@@ -83,12 +83,12 @@ class ToyWorld:
     # ------------------------------------------------------------ training
     def train_ours(self, concept: Concept, images: torch.Tensor, captions: list[str], steps: int, rank: int = 8,
                    learning_rate: float = 2e-3, name: str = "toy", reg: tuple | None = None, seed: int = 0,
-                   batch_size: int = 4, v_pred_like_loss: float = 0.0):
+                   batch_size: int = 4, v_pred_like_loss: float = 0.0, targets: str = "attention"):
         """Train LoRA (Workbench) at the node; returns (MODEL with the LoRA, LORA, seconds)."""
         node = self.nodes["LW_TrainLoRA"]
         args = dict(model=self.model, clip=self.clip, vae=self.vae, images=images, captions=captions,
                     trigger_word=concept.trigger, output_name=f"lw_toy/{name}", scope=f"toy world: {concept.value}",
-                    rank=rank, alpha=0.0, targets="attention", steps=steps, learning_rate=learning_rate,
+                    rank=rank, alpha=0.0, targets=targets, steps=steps, learning_rate=learning_rate,
                     batch_size=batch_size, grad_accumulation=1, optimizer="adamw", lr_schedule="cosine",
                     warmup_steps=0, seed=seed, resolution=64, bucketing=False, noise_offset=0.0,
                     min_snr_gamma=5.0, gradient_checkpointing=False, training_dtype="float32", save_every=0,
