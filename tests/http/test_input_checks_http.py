@@ -184,6 +184,8 @@ BAD = {
     "train: alpha NaN": (lambda: train_prompt(alpha=NAN), "failed", ["'alpha'", "nan"]),
     "train: min_snr_gamma NaN": (lambda: train_prompt(min_snr_gamma=NAN), "failed", ["'min_snr_gamma'", "nan"]),
     "train: noise_offset NaN": (lambda: train_prompt(noise_offset=NAN), "failed", ["'noise_offset'", "nan"]),
+    "train: v_pred_like_loss NaN": (lambda: train_prompt(v_pred_like_loss=NAN), "failed",
+                                    ["'v_pred_like_loss'", "nan"]),
     "train: noise_offset inf": (lambda: train_prompt(noise_offset=INF), "rejected", ["noise_offset", "inf"]),
     "train: steps NaN": (lambda: train_prompt(steps=NAN), "rejected", ["steps", "nan"]),
 }
