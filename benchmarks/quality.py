@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What a LoRA does, measured on the toy world: concept, scope, against core, stacking, merge.
 
-    python3 benchmarks/quality.py            # full figures (4 seeds, 600 steps; not yet run: expect ~30 minutes)
-    python3 benchmarks/quality.py --quick    # 2 seeds, 300 steps: 9.5 minutes on 2 cores
+    python3 benchmarks/quality.py            # full figures (4 seeds, 600 steps): 14 minutes on 2 cores
+    python3 benchmarks/quality.py --quick    # 2 seeds, 300 steps: about 5 minutes on 2 cores
 
 Runs in the pinned ComfyUI host's python (re-executes itself like benchmarks/run.py), loads the
 toy world's checkpoint with Load Checkpoint, trains with this pack's Train LoRA node and core's
