@@ -31,6 +31,16 @@ from lwbench import host as hostmod  # noqa: E402
 GOALS = {"concept": 0.80, "scope": 0.95}
 V_PRED_LIKE = 1.0  # Train LoRA's v_pred_like_loss in the third and fourth runs of each concept (kohya's option)
 FEED_FORWARD = "attention + feed-forward"  # the fourth run's targets
+# Our Train LoRA runs of each concept: (key, row in the table, row in the figure, with the 20
+# regularisation images, other Train LoRA inputs).
+OUR_RUNS = (
+    ("plain", "ours", "ours, no regularisation", False, {}),
+    ("reg", "ours + regularisation", "ours + regularisation", True, {}),
+    ("vpl", f"ours + regularisation + v_pred_like_loss {V_PRED_LIKE}", f"ours + reg + v_pred_like_loss {V_PRED_LIKE}",
+     True, {"v_pred_like_loss": V_PRED_LIKE}),
+    ("ff", f"ours + regularisation + v_pred_like_loss {V_PRED_LIKE} + feed-forward",
+     "ours + reg + v_pred_like_loss + feed-forward", True, {"v_pred_like_loss": V_PRED_LIKE, "targets": FEED_FORWARD}),
+)
 # The stacks and merges use the LoRAs trained with regularisation alone: the best of the four runs on
 # both concepts in the full run of 2026-11-30 (star 62% / 92%, dotted 95% / 92%).
 FIGURE = HERE.parent / "docs" / "images" / "toy_world_quality.png"
@@ -94,33 +104,17 @@ class Bench:
         reg = q.images_of(world.base_scenes(), 20, seed=32)
         out = {"images": 20, "steps": self.steps, "rank": 8, "learning_rate": 2e-3,
                "base": self.concept(self.toy.model, concept)}
-        runs = {}
-        log(f"{concept_name}: ours, no regularisation")
-        model, lora, seconds = self.toy.train_ours(concept, images, captions, self.steps, name=f"{concept_name}_plain")
-        runs["ours"] = {"seconds": round(seconds, 1), **self.figures(model, concept)}
+        runs, loras = {}, {}
         if concept_name == "star":
             self.keep_for_figure("base model", self.toy.model)
-            self.keep_for_figure("ours, no regularisation", model)
-        log(f"{concept_name}: ours, with 20 regularisation images")
-        model, lora_reg, seconds = self.toy.train_ours(concept, images, captions, self.steps,
-                                                       name=f"{concept_name}_reg", reg=reg)
-        runs["ours + regularisation"] = {"seconds": round(seconds, 1), **self.figures(model, concept)}
-        if concept_name == "star":
-            self.keep_for_figure("ours + regularisation", model)
-        log(f"{concept_name}: ours, with regularisation and v_pred_like_loss {V_PRED_LIKE}")
-        model, lora_vpl, seconds = self.toy.train_ours(concept, images, captions, self.steps, name=f"{concept_name}_vpl",
-                                                       reg=reg, v_pred_like_loss=V_PRED_LIKE)
-        runs[f"ours + regularisation + v_pred_like_loss {V_PRED_LIKE}"] = {"seconds": round(seconds, 1),
-                                                                          **self.figures(model, concept)}
-        if concept_name == "star":
-            self.keep_for_figure(f"ours + reg + v_pred_like_loss {V_PRED_LIKE}", model)
-        log(f"{concept_name}: ours, the same and feed-forward layers too")
-        model, lora_ff, seconds = self.toy.train_ours(concept, images, captions, self.steps, name=f"{concept_name}_ff",
-                                                      reg=reg, v_pred_like_loss=V_PRED_LIKE, targets=FEED_FORWARD)
-        runs[f"ours + regularisation + v_pred_like_loss {V_PRED_LIKE} + feed-forward"] = {
-            "seconds": round(seconds, 1), **self.figures(model, concept)}
-        if concept_name == "star":
-            self.keep_for_figure("ours + reg + v_pred_like_loss + feed-forward", model)
+        for key, run, figure_label, with_reg, options in OUR_RUNS:
+            log(f"{concept_name}: {run}")
+            model, loras[key], seconds = self.toy.train_ours(concept, images, captions, self.steps,
+                                                             name=f"{concept_name}_{key}",
+                                                             reg=reg if with_reg else None, **options)
+            runs[run] = {"seconds": round(seconds, 1), **self.figures(model, concept)}
+            if concept_name == "star":
+                self.keep_for_figure(figure_label, model)
         log(f"{concept_name}: core TrainLoraNode")
         try:
             model, seconds = self.toy.train_core(concept, images, captions, self.steps)
@@ -131,7 +125,7 @@ class Bench:
             if concept_name == "star":
                 self.keep_for_figure("core TrainLoraNode", model)
         out["runs"] = runs
-        self.loras[concept_name] = {"plain": lora, "reg": lora_reg, "reg_vpl": lora_vpl, "reg_vpl_ff": lora_ff}
+        self.loras[concept_name] = loras
         return out
 
     def keep_for_figure(self, label: str, model, clip=None) -> None:
