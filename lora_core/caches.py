@@ -6,6 +6,7 @@ and why it exists; `clear()` empties them (the benchmark's cold runs, tests of r
 | lora_files (lora_core.formats.files)            | file path, mtime, size, converter    | 8 parsed LoRAs, LRU           | a re-run does not re-read or re-parse a file |
 | pair_dots (lora_core.stacking.frobenius)        | adapter pair                         | while both adapters live (weak) | a re-composed stack computes only new pairs' <dW_a, dW_b> |
 | stack_shapes (lora_core.stacking.stack_analysis)| stack composition (names, matches)   | 8, LRU; goes when a match goes | strength changes re-read no factor |
+|   with each shape: its sign patterns            | signs of the strengths (per LoRA, slot) | 16 per shape, LRU; go with it | a strength change re-plans nothing: order, pairs, cosines, ranking, block table |
 | heatmaps (lora_core.stacking.heatmap)           | the overlap table                    | 8, LRU                        | an unchanged stack draws nothing again |
 | block_keys (lora_core.patching.block_weights)   | host key; block weight text          | 16384 keys, 256 texts, LRU    | block of a key, looked up per layer on every run |
 | block_names (lora_core.stacking.interference)   | host key                             | 16384, LRU                    | the heatmap's block of a key, on every Stack LoRA run |

@@ -20,7 +20,6 @@ from ..lora_core.stacking.clamping import (
     clamp_strengths,
 )
 from ..lora_core.stacking.heatmap import render_heatmap
-from ..lora_core.stacking.interference import block_table, top_overlaps
 from ..lora_core.stacking.spectral import DEFAULT_SPECTRAL_CAP
 from ..lora_core.stacking.stack_analysis import StackAnalysis, analyse_stack
 from .comfy_bridge import (
@@ -137,9 +136,9 @@ class StackLoRA(io.ComfyNode):
 
         stack_out = [(row.file_name, e.effective_model, e.effective_clip)
                      for row, e in zip(loaded, effective) if row.file_name and e.enabled]
-        report = _report(effective, problems, analysis.capped, analysis.overlaps, analysis.decorrelated, counts,
-                         mode, analysis.spectral, [row.weights for row in loaded])
-        heatmap = render_heatmap(*block_table(analysis.overlaps))
+        report = _report(effective, problems, analysis.capped, analysis.top_overlaps(5), analysis.decorrelated,
+                         counts, mode, analysis.spectral, [row.weights for row in loaded])
+        heatmap = render_heatmap(*analysis.block_table())
         triggers = join_trigger_words(row.match.info.trigger_words for row in loaded if row.match is not None)
         return io.NodeOutput(new_model, new_clip, stack_out, report, heatmap, triggers,
                              ui={"lw_report": [report],
@@ -192,7 +191,8 @@ def _load_rows(requested: list[LoRARow], model, clip, problems: list[str], bad_r
     return loaded, entries
 
 
-def _report(effective, problems, capped, overlaps, decorrelated, counts, mode, spectral=(), block_weights=()) -> str:
+def _report(effective, problems, capped, top, decorrelated, counts, mode, spectral=(), block_weights=()) -> str:
+    """The report text; `top`: the most-overlapping layers (StackAnalysis.top_overlaps)."""
     lines = [f"Stack LoRA ({mode})"]
     for e, weights in zip(effective, list(block_weights) or [None] * len(effective)):
         state = " (off)" if not e.enabled else ""
@@ -216,7 +216,6 @@ def _report(effective, problems, capped, overlaps, decorrelated, counts, mode, s
                      "before -> after):")
         for c in sorted(spectral, key=lambda c: -c.ratio_before)[:15]:
             lines.append(f"    {c.target.key}: {c.ratio_before:.4f} -> {c.ratio_after:.4f}")
-    top = top_overlaps(overlaps, 5)
     if top:
         lines.append("  most-overlapping layers (cosine of the two LoRAs' changes):")
         lines += [f"    {o.lora_a} x {o.lora_b} @ {o.target.key}: {o.cosine:+.3f}" for o in top]

@@ -478,3 +478,125 @@ def test_stack_analysis_declines_stacks_outside_its_form():
     assert stack_shape([entries[1], ("row 9: loha", odd)]) is None
     twice = dataclasses.replace(loha_match, patches=[patch, patch])
     assert stack_shape([("row 9: twice", twice)]) is None
+
+
+# ---------------------------------------------------------------- the fast analysis on a strength change
+
+STACK_NORMS = {Target(k): 0.02 + 0.5 * i for i, k in enumerate(STACK_KEYS.values())}
+# A slider dragged: the sizes change, the signs stay (the last row ends 0 on CLIP throughout).
+SAME_SIGNS = [
+    [(1.0, 1.0), (0.8, -0.5), (-0.6, 0.7), (0.4, 0.0)],
+    [(0.9, 0.3), (0.25, -0.9), (-0.2, 0.1), (1.3, 0.0)],
+    [(0.5, 0.6), (0.7, -0.2), (-0.9, 0.4), (0.05, 0.0)],
+]
+FLIPPED = [(-1.0, 1.0), (0.8, 0.5), (-0.6, 0.7), (0.0, 0.3)]
+
+
+def _no_nan(table):
+    rows, cols, values = table
+    return rows, cols, [[None if math.isnan(v) else v for v in line] for line in values]
+
+
+def _everything(analysis):
+    """All a Stack LoRA run reads of an analysis, floats as they are."""
+    return ({t: [(term.adapter, term.strength) for term in terms] for t, terms in analysis.layers.items()},
+            list(analysis.layers), analysis.names, analysis.top_overlaps(5), _no_nan(analysis.block_table()),
+            analysis.overlaps, analysis.decorrelated, analysis.capped, analysis.plain)
+
+
+def test_a_strength_change_reuses_what_the_signs_of_the_strengths_determine(monkeypatch):
+    """Strengths that keep their signs build no new pattern (plan order, pairs, cosines, ranking, block
+    table) and no LayerOverlap list; a sign change builds one, and going back reuses the first."""
+    from lora_core import caches
+    from lora_core.stacking import stack_analysis as sa
+    caches.clear("stack_shapes")
+    built, tables, lists = [], [], []
+
+    class Counted(sa._Pattern):
+        def __init__(self, shape, signs):
+            built.append(signs)
+            super().__init__(shape, signs)
+    monkeypatch.setattr(sa, "_Pattern", Counted)
+    real_table, real_all = sa.block_table, sa._PatternOverlaps.all
+    monkeypatch.setattr(sa, "block_table", lambda overlaps: tables.append(1) or real_table(overlaps))
+    monkeypatch.setattr(sa._PatternOverlaps, "all", lambda self: lists.append(1) or real_all(self))
+
+    shape = sa.stack_shape(_stack_matches())
+    for strengths in SAME_SIGNS:
+        analysis = sa.analyse(shape, strengths, cap=0.3, weight_norms=STACK_NORMS.get)
+        assert analysis.plain and analysis.top_overlaps(5) and analysis.block_table()[0]
+    assert (len(built), len(tables), len(lists)) == (1, 1, 0)
+    sa.analyse(shape, FLIPPED, cap=0.3, weight_norms=STACK_NORMS.get).block_table()
+    assert (len(built), len(tables), len(lists)) == (2, 2, 0)
+    sa.analyse(shape, SAME_SIGNS[1], cap=0.3, weight_norms=STACK_NORMS.get).block_table()
+    assert (len(built), len(tables), len(lists)) == (2, 2, 0) and list(shape.patterns) == [built[1], built[0]]
+    sa.analyse(shape, SAME_SIGNS[0], decorrelate=True)  # decorrelate reads the cosines at its strengths
+    assert len(built) == 2 and lists
+
+
+@pytest.mark.parametrize("decor", [False, True])
+def test_a_strength_change_gives_exactly_what_a_cold_analysis_gives(decor):
+    """Every strength set, analysed after the others (memos filled), equals its analysis by a fresh shape,
+    float for float; the ranking and block table kept per pattern equal those of the overlap list."""
+    from lora_core import caches
+    from lora_core.stacking import stack_analysis as sa
+    entries = _stack_matches()
+    runs = SAME_SIGNS + [FLIPPED] + SAME_SIGNS[::-1]
+    caches.clear("stack_shapes")
+    shape = sa.stack_shape(entries)
+    warm = [_everything(sa.analyse(shape, s, decor, 0.3, STACK_NORMS.get)) for s in runs]
+    for strengths, got in zip(runs, warm):
+        caches.clear("stack_shapes", "pair_dots")  # cold: the Gram products too
+        fresh = sa.stack_shape(entries)
+        assert fresh is not shape and not fresh.patterns
+        cold = sa.analyse(fresh, strengths, decor, 0.3, STACK_NORMS.get)
+        assert got == _everything(cold)
+        assert cold.top_overlaps(5) == top_overlaps(cold.overlaps, 5)
+        rows, cols, values = cold.block_table()
+        exact = block_table(cold.overlaps)
+        assert (rows, cols) == exact[:2]
+        assert [v for line in values for v in line] == pytest.approx([v for line in exact[2] for v in line],
+                                                                     rel=1e-12, nan_ok=True)
+
+
+def test_the_report_ranking_holds_for_ties():
+    """Two copies of one LoRA: their cosines are 1 to rounding on every layer, so the strongest pairs tie;
+    the ranking kept per pattern still picks exactly what top_overlaps picks from the overlap list."""
+    from lora_core.stacking import stack_analysis as sa
+    entries = _stack_matches()
+    twin = make_lora(90, rank=2, alpha=2.0, shapes={m: (24, 16) for m in ["lora_unet_q", "lora_unet_k",
+                                                                          "lora_unet_v", "lora_te_q"]}, name="a")
+    host = {key: torch.Size((24, 16)) for key in STACK_KEYS.values()}
+    entries.insert(1, ("row 9: a again", match_lora(twin, STACK_KEYS, host, {"model", "clip"})))
+    shape = sa.stack_shape(entries)
+    for scale in (1.0, 0.7, 0.3, 0.123456789):
+        strengths = [(scale * m, scale * c) for m, c in [(1.0, 0.9), (0.4, 0.8), (0.8, -0.5), (-0.6, 0.7), (0.4, 0.2)]]
+        analysis = sa.analyse(shape, strengths)
+        for n in (1, 2, 5, 9, 50):
+            assert analysis.top_overlaps(n) == top_overlaps(analysis.overlaps, n)
+        assert abs(analysis.top_overlaps(1)[0].cosine) == pytest.approx(1.0)
+
+
+MID_KEYS = {"lora_unet_m0": "diffusion_model.middle_block.0.x.weight",
+            "lora_unet_m1": "diffusion_model.middle_block.1.v.weight"}
+
+
+def test_the_block_table_takes_every_layer_where_strengths_differ_inside_a_block():
+    """middle_block.0 (block weight MID0) and middle_block.1 (MID) are one heatmap block: with block
+    weights that differ there, the block's cosine depends on the sizes, and the overlap list gives it."""
+    from lora_core.stacking import stack_analysis as sa
+    host = {key: torch.Size((24, 16)) for key in MID_KEYS.values()}
+    entries = [(f"row {i + 1}", match_lora(make_lora(60 + i, rank=3, shapes={m: (24, 16) for m in MID_KEYS}),
+                                           MID_KEYS, host, {"model"})) for i in range(2)]
+    shape = sa.stack_shape(entries)
+    assert len(shape.slots) == 2 and shape.shared_blocks == ((0, 1),)
+    tables = []
+    for strengths in ([(0.7, 0.0), (0.4, 0.0)], [(0.7, 0.0, {"MID0": 0.1}), (0.4, 0.0)],
+                      [(0.7, 0.0, {"MID0": 0.7}), (-0.4, 0.0)]):
+        analysis = sa.analyse(shape, strengths)
+        rows, cols, values = analysis.block_table()
+        exact = block_table(analysis.overlaps)
+        assert (rows, cols) == exact[:2] == (["row 1 x row 2"], ["middle_block"])
+        assert values[0][0] == pytest.approx(exact[2][0][0], rel=1e-12)
+        tables.append(values[0][0])
+    assert tables[1] != pytest.approx(tables[0], rel=1e-6) and tables[2] == pytest.approx(-tables[0], rel=1e-12)
