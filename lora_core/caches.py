@@ -15,6 +15,7 @@ and why it exists; `clear()` empties them (the benchmark's cold runs, tests of r
 | weight_norms (nodes.comfy_bridge)               | live module, target                  | while the module lives (weak) | layer caps need ||W||, which never changes |
 | weight_spectra (nodes.comfy_bridge)             | live module, target                  | while the module lives (weak) | the spectral cap needs sigma_1(W): an SVD each |
 | modules (nodes.comfy_bridge)                    | live module, path                    | while the module lives (weak) | 128 path walks per node add up |
+| bypass_sites (nodes.comfy_bridge)               | live module, target                  | while the module lives (weak) | a bypass re-run finds each layer's module and checks nothing again |
 | weights_sha256 (nodes.train_bridge)             | live module                          | while the module lives (weak) | hashing a base model reads every weight |
 
 No cache keeps a model or a LoRA alive: tests/host/test_caches.py drops both after a Stack LoRA run

@@ -220,6 +220,34 @@ def _submodule(root: torch.nn.Module, path: str) -> torch.nn.Module:
     return module if module is not None else comfy.utils.get_attr(root, path)
 
 
+# Where a target's bypass goes, per live model: its object patch name and module, or None where a bypass
+# cannot run (not a .weight, not a linear or plain conv). A strength change re-patches every layer; this
+# spares it the path split, the module lookup and the checks. Like _MODULES, a value never holds the model.
+_BYPASS_SITES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[Target, tuple | None]]" = weakref.WeakKeyDictionary()
+caches.register("bypass_sites", _BYPASS_SITES.clear)
+
+
+_UNSEEN = object()
+
+
+def _bypass_site(root: torch.nn.Module, target: Target) -> tuple[str, torch.nn.Module] | None:
+    """(object patch name, module) of the layer a target's bypass wraps; None where it cannot run in bypass."""
+    table = _BYPASS_SITES.get(root)
+    if table is None:
+        table = _BYPASS_SITES[root] = {}
+    site = table.get(target, _UNSEEN)
+    if site is not _UNSEEN:
+        return site
+    module_path = target.key.rsplit(".", 1)[0]
+    module = _submodule(root, module_path)
+    site = None
+    if target.key.endswith(".weight") and supports_bypass(module, target.offset):
+        site = (f"{module_path}.forward", module)
+    if module is not root:
+        table[target] = site
+    return site
+
+
 def _patch_key(target: Target):
     if target.function is not None:
         return (target.key, target.offset, target.function)
@@ -251,18 +279,18 @@ def foreign_patches(match: MatchResult, strengths: tuple) -> list[ForeignPatch]:
     return [p for p in patches if p.strength != 0.0]
 
 
-def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list[ForeignPatch], mode: str
-                   ) -> PatchCounts:
-    """Add our patches to an already-cloned ModelPatcher; returns counts for the report."""
+def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list[ForeignPatch], mode: str,
+                   plain: bool = False) -> PatchCounts:
+    """Add our patches to an already-cloned ModelPatcher; returns counts for the report. `plain`: every
+    term is an additive low-rank adapter (StackAnalysis.plain), so no adapter is asked again."""
     weight_patches, bypassed, merged_instead = {}, 0, 0
     for target, terms in layers.items():
-        module_path = target.key.rsplit(".", 1)[0]
-        module = _submodule(patcher.model, module_path) if mode == BYPASS else None
-        additive = all_additive(terms)
-        if mode == BYPASS and additive and target.key.endswith(".weight") and supports_bypass(module, target.offset):
-            name = f"{module_path}.forward"
+        site = _bypass_site(patcher.model, target) if mode == BYPASS else None
+        if site is not None and (plain or all_additive(terms)):
+            name, module = site
             patcher.add_object_patch(name, BypassForward(module, terms, target.offset,
-                                                         inner=comfy_compat.current_object_patch(patcher, name)))
+                                                         inner=comfy_compat.current_object_patch(patcher, name),
+                                                         all_low_rank=plain))
             bypassed += 1
         else:
             merged_instead += mode == BYPASS
@@ -275,9 +303,10 @@ def _patch_patcher(patcher, layers: dict[Target, list[Term]], foreign: list[Fore
     return PatchCounts(len(weight_patches), bypassed, merged_instead, len(foreign))
 
 
-def apply_layers(model, clip, layers: dict[Target, list[Term]], foreign: list[ForeignPatch], mode: str
-                 ) -> tuple[object, object, dict[str, PatchCounts]]:
-    """Clone MODEL/CLIP and patch the clones; returns them with the counts per component patched."""
+def apply_layers(model, clip, layers: dict[Target, list[Term]], foreign: list[ForeignPatch], mode: str,
+                 plain: bool = False) -> tuple[object, object, dict[str, PatchCounts]]:
+    """Clone MODEL/CLIP and patch the clones; returns them with the counts per component patched.
+    `plain`: every term is an additive low-rank adapter, as StackAnalysis.plain says."""
     counts: dict[str, PatchCounts] = {}
     new_model, new_clip = model, clip
     for component, host in ((MODEL, model), (CLIP, clip)):
@@ -287,7 +316,7 @@ def apply_layers(model, clip, layers: dict[Target, list[Term]], foreign: list[Fo
             continue
         clone = host.clone()
         patcher = clone if component == MODEL else clone.patcher
-        counts[component] = _patch_patcher(patcher, part, part_foreign, mode)
+        counts[component] = _patch_patcher(patcher, part, part_foreign, mode, plain)
         if component == MODEL:
             new_model = clone
         else:

@@ -132,7 +132,7 @@ class StackLoRA(io.ComfyNode):
         foreign = [patch for _, match, *strengths in applied for patch in foreign_patches(match, tuple(strengths))]
         new_model, new_clip, counts = (model, clip, {})
         if analysis.layers or foreign:
-            new_model, new_clip, counts = apply_layers(model, clip, analysis.layers, foreign, mode)
+            new_model, new_clip, counts = apply_layers(model, clip, analysis.layers, foreign, mode, analysis.plain)
 
         stack_out = [(row.file_name, e.effective_model, e.effective_clip)
                      for row, e in zip(loaded, effective) if row.file_name and e.enabled]

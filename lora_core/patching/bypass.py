@@ -17,14 +17,19 @@ from .weight_patch import dense_delta
 
 class BypassForward:
     def __init__(self, module: torch.nn.Module, terms: list[Term], offset: tuple[int, int, int] | None = None,
-                 inner=None):
+                 inner=None, all_low_rank: bool = False):
+        """`all_low_rank`: the caller knows every term's adapter has a low-rank form (Stack LoRA's Gram
+        path checked it once per stack), so a strength change asks no adapter again."""
         self.module = module
         self.inner = inner  # an earlier patch on the same module, chained rather than replaced
         self.offset = offset
         self.is_linear = module.weight.dim() == 2
-        factored = [self.is_linear and t.adapter.low_rank() is not None for t in terms]
-        self.low_rank = [t for t, f in zip(terms, factored) if f]
-        self.dense = [t for t, f in zip(terms, factored) if not f]
+        if all_low_rank:
+            self.low_rank, self.dense = (list(terms), []) if self.is_linear else ([], list(terms))
+        else:
+            factored = [self.is_linear and t.adapter.low_rank() is not None for t in terms]
+            self.low_rank = [t for t, f in zip(terms, factored) if f]
+            self.dense = [t for t, f in zip(terms, factored) if not f]
         self._cache: dict[tuple, tuple] = {}
 
     def _factors(self, device, dtype) -> tuple:

@@ -24,6 +24,7 @@ def test_every_cache_lets_go_of_loras_and_of_a_model_that_go_away(comfy_host):
     assert all(lora.memos["matches"] for lora in loras) and all(a in frobenius._PAIR_DOTS for a in adapters)
     assert stack_analysis._SHAPES and model.model in bridge._MODULES and model.model in bridge._NORM_CACHE
     assert model.model in bridge._SPECTRA_CACHE and model.model in bridge._HOST_CACHE
+    assert model.model in bridge._BYPASS_SITES and any(shape.patterns for _, shape in stack_analysis._SHAPES.values())
 
     refs = [weakref.ref(x) for x in (*loras, *adapters)]
     del out, rows, loras, adapters, lora

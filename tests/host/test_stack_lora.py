@@ -164,3 +164,83 @@ def test_bypass_strength_change_repatches_nothing(comfy_host, three_loras, monke
     assert writes["n"] == 0  # no weight was written for the strength change
     a, b = first["6"].output(0)["samples"], second["6"].output(0)["samples"]
     assert (a - b).abs().max() > 1e-3  # and the new strength took effect
+
+
+BYPASS_SETTINGS = {"mode": "bypass", "use_layer_cap": True, "layer_cap": 0.1}
+
+
+def _slider_rows(loras, s_model, s_clip=0.4):
+    """Row 2's strengths as a slider moves them; rows 1 and 3 stay."""
+    return _rows([(loras[0], 0.9, 0.5, True), (loras[1], s_model, s_clip, True), (loras[2], -0.6, 0.3, True)])
+
+
+def test_a_bypass_strength_change_rebuilds_nothing_it_can_reuse(comfy_host, sd15, three_loras, monkeypatch):
+    """Once a stack ran, a strength change that keeps the signs matches, plans, pairs, ranks, finds modules
+    and draws nothing again, and asks no adapter for its variant or low-rank form: it builds its terms and
+    bypass objects only."""
+    import collections
+    pack = comfy_host.pack
+    model, clip = sd15
+    stack(comfy_host, model, clip, _slider_rows(three_loras, 0.8), **BYPASS_SETTINGS)
+    calls = collections.Counter()
+
+    def count(owner, name):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, **k: calls.update([name]) or real(*a, **k))
+    analysis, bridge = pack.lora_core.stacking.stack_analysis, pack.nodes.comfy_bridge
+    for owner, names in ((analysis, ["_build", "_Pattern", "block_table"]), (analysis._PatternOverlaps, ["all"]),
+                         (bridge, ["_match", "_submodule", "supports_bypass", "all_additive"]),
+                         (pack.lora_core.stacking.heatmap, ["_draw"]),
+                         (pack.lora_core.formats.adapters.LowRankAdapter, ["low_rank"])):
+        for name in names:
+            count(owner, name)
+    real_variant = pack.lora_core.formats.adapters.Adapter.variant
+    monkeypatch.setattr(pack.lora_core.formats.adapters.Adapter, "variant",
+                        property(lambda self: calls.update(["variant"]) or real_variant.fget(self)))
+    made = []
+    bypass = pack.lora_core.patching.bypass.BypassForward
+    real_init = bypass.__init__
+    monkeypatch.setattr(bypass, "__init__", lambda self, *a, **k: made.append(1) or real_init(self, *a, **k))
+    for s_model in (0.7, 0.55, 0.8):
+        m, c, _, report, _ = stack(comfy_host, model, clip, _slider_rows(three_loras, s_model), **BYPASS_SETTINGS)
+        assert "0 merged" in report and " 0 bypass" not in report
+    assert calls == {}, f"a strength change rebuilt {dict(calls)}"
+    ours = [p for patcher in (m, c.patcher) for p in patcher.object_patches.values() if isinstance(p, bypass)]
+    assert ours and len(made) == 3 * len(ours)
+
+
+def _bypass_patches(patcher) -> dict:
+    """Each object patch of ours: its terms as (strength, the adapter's up factor), and what it runs."""
+    def terms(ts):
+        return [(t.strength, t.adapter.roles["up"].numpy().tobytes()) for t in ts]
+    return {name: (p.offset, p.is_linear, p.inner is None, terms(p.low_rank), terms(p.dense))
+            if hasattr(p, "low_rank") else p for name, p in patcher.object_patches.items()}
+
+
+def _everything(out) -> dict:
+    m, c, stack_out, report, heatmap, triggers = out.args
+    return {"model": _bypass_patches(m), "clip": _bypass_patches(c.patcher),
+            "weight patches": (m.patches, c.patcher.patches), "stack": stack_out, "report": report,
+            "heatmap": heatmap.numpy().tobytes(), "shape": tuple(heatmap.shape), "triggers": triggers, "ui": out.ui}
+
+
+@pytest.mark.parametrize("decorrelate", [False, True])
+def test_a_bypass_strength_change_gives_what_a_cold_run_gives(comfy_host, sd15, three_loras, decorrelate):
+    """Strengths reached by moving a slider (and a sign flip and back on the way) give the very outputs a cold
+    run at those strengths gives: the bypass terms float for float, report, heatmap pixels, LORA_STACK, ui."""
+    node = comfy_host.pack.nodes.stack_lora.StackLoRA
+    model, clip = sd15
+    settings = ROW_DEFAULTS | BYPASS_SETTINGS | {"decorrelate": decorrelate}
+
+    def run(s_model, s_clip=0.4):
+        return node.execute(model=model, clip=clip, **settings, **_slider_rows(three_loras, s_model, s_clip))
+    comfy_host.pack.lora_core.caches.clear()  # the Gram products too: both sides start from the same cold ones
+    run(0.8)
+    warm = [_everything(run(0.7)), _everything(run(-0.5, 0.0)), _everything(run(0.7)), _everything(run(0.3))]
+    comfy_host.pack.lora_core.caches.clear()
+    cold_07 = _everything(run(0.7))
+    comfy_host.pack.lora_core.caches.clear()
+    cold_03 = _everything(run(0.3))
+    assert warm[0] == cold_07 and warm[2] == cold_07 and warm[3] == cold_03
+    assert warm[0]["report"] != warm[3]["report"] and warm[0]["heatmap"] == warm[3]["heatmap"]
+    assert warm[1]["heatmap"] != warm[0]["heatmap"]  # the sign flip turned row 2's cosines around
