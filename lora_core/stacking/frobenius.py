@@ -128,7 +128,8 @@ def gram(adapters: Sequence[Adapter]) -> list[list[float]] | None:
     table = (indicator.T @ ((up.T @ up) * (down @ down.T)) @ indicator).tolist()
     for i, a in enumerate(adapters):
         for j in range(i, n):
-            _memo_put(a, adapters[j], table[i][j])
+            table[j][i] = table[i][j]  # the batched product is symmetric only up to rounding; a memoised
+            _memo_put(a, adapters[j], table[i][j])  # re-read gives the upper triangle, so a first build must too
     return table
 
 

@@ -462,7 +462,9 @@ def test_stack_analysis_equals_the_general_functions(decor, strengths):
     assert [o[:3] for o in fast.overlaps] == [o[:3] for o in overlaps]
     assert [v for o in fast.overlaps for v in o[3:]] == pytest.approx([v for o in overlaps for v in o[3:]],
                                                                      rel=1e-12)
-    assert fast.decorrelated == decorrelated
+    assert [(d.target, d.lora) for d in fast.decorrelated] == [(d.target, d.lora) for d in decorrelated]
+    assert [v for d in fast.decorrelated for v in (d.factor, d.overlap)] == pytest.approx(
+        [v for d in decorrelated for v in (d.factor, d.overlap)], rel=1e-12)  # the same sums, the Gram's rounding aside
     assert [(c.target, c.ratio_after) for c in fast.capped] == [(c.target, c.ratio_after) for c in capped]
     assert [c.ratio_before for c in fast.capped] == pytest.approx([c.ratio_before for c in capped], rel=1e-12)
     assert capped and (decorrelated or not decor)  # the cases exercise both rules
@@ -600,3 +602,19 @@ def test_the_block_table_takes_every_layer_where_strengths_differ_inside_a_block
         assert values[0][0] == pytest.approx(exact[2][0][0], rel=1e-12)
         tables.append(values[0][0])
     assert tables[1] != pytest.approx(tables[0], rel=1e-6) and tables[2] == pytest.approx(-tables[0], rel=1e-12)
+
+
+def test_a_first_gram_build_equals_its_memoised_reread():
+    """The batched Gram product is symmetric only up to rounding: a first build must give the same table
+    (the upper triangle, mirrored) that a re-read from the pair memo gives, or a stack analysed cold and
+    again after its pairs are memoised would differ in the last bits."""
+    from lora_core import caches
+    from lora_core.stacking.frobenius import gram
+    caches.clear("pair_dots")
+    entries = _stack_matches()
+    q_layer = entries[0][1].patches[0].target  # lora_unet_q: a, b and c patch it
+    adapters = [p.adapter for _, match in entries for p in match.patches if p.target == q_layer]
+    assert len(adapters) >= 3
+    first = gram(adapters)
+    assert all(first[i][j] == first[j][i] for i in range(len(first)) for j in range(len(first)))
+    assert gram(adapters) == first  # every pair now comes from the memo
