@@ -1,4 +1,4 @@
-"""Build the toy world's models into a ComfyUI install: deterministic, about 20 minutes on 2 cores.
+"""Build the toy world's models into a ComfyUI install: deterministic, about 18 minutes on 2 quiet cores.
 
   checkpoints/lw_toy_sd15.safetensors  SD1.5-layout checkpoint Load Checkpoint opens (it detects
       as the tiny SD1.5 config, tests/host_fixture/tiny_models.py): the UNet trained here on the
@@ -8,7 +8,7 @@
   lw_toy_world/detector.safetensors    the detector (toy_world/detector.py).
   lw_toy_world/report.json             what the build measured: autoencoder PSNR, detector accuracy,
       how often the base model draws what its caption says, and the seconds each part took.
-  input/lw_toy_<value>/                20 captioned images of each held-out value (and of the base
+  input/lw_toy_<value>/                50 captioned images of each held-out value (and 20 of the base
       world, for regularisation): what the example workflows train on.
 
 Run: python -m toy_world.build --comfyui <ComfyUI dir>   (scripts/comfy_host.py does it)
@@ -45,12 +45,16 @@ FILLER_WORDS = ("zorp", "blick", "quem", "vash", "trel", "morf", "glim", "dask",
 # (folder under input/, kind, value or None for the base world, trigger word)
 DATASETS = [("lw_toy_star", "shape", "star", "lwstar"), ("lw_toy_dotted", "texture", "dotted", "lwdots"),
             ("lw_toy_purple", "colour", "purple", "lwpurple"), ("lw_toy_base", None, None, "")]
-DATASET_SIZE = 20
+# 50 images of a held-out value (the most issue 16 allows) drew the star in 79% of samples, 20 in 62%
+# (benchmarks/quality.py); 20 base-world images are enough for regularisation.
+DATASET_SIZE, REG_DATASET_SIZE = 50, 20
 # The autoencoder's 2000 steps are what the dotted texture needs: at 1200 it reached 23.7 dB, the
 # detector read textures 79% right on its reconstructions and the base model drew them in 77%.
+# The UNet's 3200 steps and the detector's 500 keep the whole build within issue 16's 20 minutes
+# (4000 and 900 took 22 minutes alone for 96.9% of base samples right and a 100% detector).
 RECIPE = {"autoencoder": {"images": 8000, "steps": 2000, "batch": 32},
-          "detector": {"images": 6000, "steps": 900, "batch": 64},
-          "unet": {"images": 16000, "steps": 4000, "batch": 64, "lr": 1e-3, "prefixed": 0.25},
+          "detector": {"images": 6000, "steps": 500, "batch": 64},
+          "unet": {"images": 16000, "steps": 3200, "batch": 64, "lr": 1e-3, "prefixed": 0.25},
           "check": {"seeds": 2, "steps": 30, "cfg": 3.0}}
 
 
@@ -116,7 +120,7 @@ def write_datasets(input_dir: Path) -> list[str]:
     written = []
     for n, (folder, kind, value, _) in enumerate(DATASETS):
         scenes = world.scenes_with(kind, value) if kind else world.base_scenes()
-        images, chosen = world.dataset(scenes, DATASET_SIZE, SEED + 100 + n)
+        images, chosen = world.dataset(scenes, DATASET_SIZE if kind else REG_DATASET_SIZE, SEED + 100 + n)
         out = input_dir / folder
         out.mkdir(parents=True, exist_ok=True)
         for i, (image, scene) in enumerate(zip(images, chosen)):

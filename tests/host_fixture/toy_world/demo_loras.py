@@ -1,8 +1,8 @@
 """Train the example workflows' LoRAs on the toy world with this pack's own Train LoRA node.
 
 Writes models/loras/lw_toy/{star,dotted,purple}.safetensors (about a minute in all on 2 cores):
-each learns one held-out value from the 20 images of its dataset folder, with 20 base-world
-images for regularisation (the recipe benchmarks/quality.py measured best on both concepts), as a user would train it. Run by scripts/comfy_host.py after build.py:
+each learns one held-out value from 50 captioned images in batches of 8, with 20 base-world
+images for regularisation (the recipe benchmarks/quality.py measures), as a user would train it. Run by scripts/comfy_host.py after build.py:
 
     python demo_loras.py --comfyui <ComfyUI dir>
 """
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STEPS = 400
+STEPS, IMAGES, REG_IMAGES, BATCH = 400, 50, 20, 8
 OUTPUT = "lw_toy/{value}.safetensors"  # under models/loras
 
 
@@ -45,11 +45,11 @@ def main() -> None:
         from toy_world import quality, world
         torch.set_grad_enabled(True)
         toy = quality.ToyWorld(nodes.NODE_CLASS_MAPPINGS, root / "models")
-        reg = quality.images_of(world.base_scenes(), 20, seed=32)
+        reg = quality.images_of(world.base_scenes(), REG_IMAGES, seed=32)
         written = []
         for value, concept in quality.CONCEPTS.items():
-            images, captions = quality.images_of(concept.scenes(), 20, seed=31)
-            toy.train_ours(concept, images, captions, STEPS, name=value, reg=reg)
+            images, captions = quality.images_of(concept.scenes(), IMAGES, seed=31)
+            toy.train_ours(concept, images, captions, STEPS, name=value, reg=reg, batch_size=BATCH)
             written.append("loras/" + OUTPUT.format(value=value))
             print(f"[toy_world] trained {written[-1]}", file=sys.stderr, flush=True)
         loop.close()
