@@ -354,7 +354,7 @@ def toy_world_hashes() -> tuple[str, str]:
 
 
 def ensure_toy_world(host: Host) -> None:
-    """Train the toy world's models (about 25 minutes on 2 cores) and its example LoRAs (about a
+    """Train the toy world's models (about 18 minutes on 2 cores) and its example LoRAs (about a
     minute), each unless its stamp matches."""
     models = host.comfyui / "models"
     stamp = models / TOY_WORLD_STAMP
@@ -365,7 +365,7 @@ def ensure_toy_world(host: Host) -> None:
         entry = recorded.get(part, {})
         return entry.get("hash") == wanted[part] and all((models / f).is_file() for f in entry.get("files", []))
 
-    steps = (("models", "training the toy world's models (about 25 minutes on 2 cores, once; cached until its "
+    steps = (("models", "training the toy world's models (about 18 minutes on 2 cores, once; cached until its "
                         "recipe changes)", [TOY_WORLD / "build.py", "--comfyui", host.comfyui, "--models-dir", models,
                                             "--input-dir", host.comfyui / "input"]),
              ("loras", "training the toy world's example LoRAs with Train LoRA (about a minute)",

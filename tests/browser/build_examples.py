@@ -104,13 +104,13 @@ BUILDERS = {
   const { add, link, sampler } = window.lwBuild;
   const ckpt = add("CheckpointLoaderSimple", [40, 60], { ckpt_name: "%(ckpt)s" });
   const data = add("LoadImageTextDataSetFromFolder", [40, 260], { folder: "lw_toy_star" },
-                   "Training images: 20 captioned stars");
+                   "Training images: 50 captioned stars");
   const reg = add("LoadImageTextDataSetFromFolder", [40, 420], { folder: "lw_toy_base" },
                   "Regularisation: 20 images the base model draws");
   const train = add("LW_TrainLoRA", [420, 40], {
     captions: "", trigger_word: "lwstar", output_name: "lora_workbench_examples/lwstar",
     scope: "one shape: the toy world's star (example)", rank: 8, alpha: 0, targets: "attention", steps: 300,
-    learning_rate: 0.002, batch_size: 4, grad_accumulation: 1, optimizer: "adamw", lr_schedule: "cosine",
+    learning_rate: 0.002, batch_size: 8, grad_accumulation: 1, optimizer: "adamw", lr_schedule: "cosine",
     warmup_steps: 0, seed: 1, control_after_generate: "fixed", resolution: 64, bucketing: false, noise_offset: 0.0,
     min_snr_gamma: 5.0, gradient_checkpointing: false, training_dtype: "float32", save_every: 0,
     sample_prompt: "lwstar, a red star on a grey background", sample_every: 100, resume_from: "None",
