@@ -29,11 +29,6 @@ from lwbench import host as hostmod  # noqa: E402
 
 # Goals from issue 16; each figure is printed beside its goal and both sides' numbers.
 GOALS = {"concept": 0.80, "scope": 0.95}
-# The training recipe, the same for ours and core: 50 captioned images of the held-out value (the most
-# the issue allows; on the toy world built with 4000 UNet steps, 20 images drew the star in 62% of
-# samples, 50 in 79%, in batches of 8 83%), rank 8, learning rate 4e-3 (on the world built with 3200
-# steps: 69% at 4e-3, 55% at 2e-3; exploration scripts' figures, one run each).
-IMAGES, REG_IMAGES, BATCH, RANK, LEARNING_RATE = 50, 20, 8, 8, 4e-3
 # Our Train LoRA runs of each concept: (key, row in the table, row in the figure, with the
 # regularisation images). v_pred_like_loss and feed-forward targets were measured on the 20-image
 # recipe and did not help (results/quality-2026-11-30-20images.json), so they are not run again.
@@ -97,12 +92,12 @@ class Bench:
 
     # ------------------------------------------------------------ sections
     def training(self, concept_name: str) -> dict:
-        q, world = self.q, self.world
+        q = self.q
         concept = q.CONCEPTS[concept_name]
-        images, captions = q.images_of(concept.scenes(), IMAGES, seed=31)
-        reg = q.images_of(world.base_scenes(), REG_IMAGES, seed=32)
-        recipe = {"rank": RANK, "learning_rate": LEARNING_RATE, "batch_size": BATCH}
-        out = {"images": IMAGES, "reg_images": REG_IMAGES, "steps": self.steps, **recipe,
+        images, captions = q.training_set(concept)  # the same recipe for ours and core: toy_world/quality.py
+        reg = q.regularisation_set()
+        out = {"images": q.IMAGES, "reg_images": q.REG_IMAGES, "steps": self.steps, "rank": q.RANK,
+               "learning_rate": q.LEARNING_RATE, "batch_size": q.BATCH,
                "base": self.concept(self.toy.model, concept)}
         runs, loras = {}, {}
         if concept_name == "star":
@@ -111,13 +106,13 @@ class Bench:
             log(f"{concept_name}: {run}")
             model, loras[key], seconds = self.toy.train_ours(concept, images, captions, self.steps,
                                                              name=f"{concept_name}_{key}",
-                                                             reg=reg if with_reg else None, **recipe)
+                                                             reg=reg if with_reg else None)
             runs[run] = {"seconds": round(seconds, 1), **self.figures(model, concept)}
             if concept_name == "star":
                 self.keep_for_figure(figure_label, model)
         log(f"{concept_name}: core TrainLoraNode")
         try:
-            model, seconds = self.toy.train_core(concept, images, captions, self.steps, **recipe)
+            model, seconds = self.toy.train_core(concept, images, captions, self.steps)
         except Exception as e:  # reported, not hidden: the table says core's run failed and why
             runs["core TrainLoraNode"] = {"error": f"{type(e).__name__}: {str(e)[:160]}"}
         else:

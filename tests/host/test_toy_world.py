@@ -57,11 +57,12 @@ def test_base_model_draws_what_its_captions_say(toy):
 
 @pytest.fixture(scope="module")
 def star_training(toy):
-    """Train LoRA at the node: 20 captioned stars, 20 base-world images for regularisation."""
+    """Train LoRA at the node with the benchmark's recipe (quality.IMAGES captioned stars, quality.REG_IMAGES
+    base-world images for regularisation, its batch, rank and learning rate)."""
     concept = quality.CONCEPTS["star"]
-    images, captions = quality.images_of(concept.scenes(), 20, seed=31)
-    reg = quality.images_of(world.base_scenes(), 20, seed=32)
-    model, lora, seconds = toy.train_ours(concept, images, captions, STEPS, name="test_star", reg=reg)
+    images, captions = quality.training_set(concept)
+    model, lora, seconds = toy.train_ours(concept, images, captions, STEPS, name="test_star",
+                                          reg=quality.regularisation_set())
     return {"concept": concept, "model": model, "lora": lora, "images": images, "captions": captions}
 
 

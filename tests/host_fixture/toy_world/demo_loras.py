@@ -1,8 +1,9 @@
 """Train the example workflows' LoRAs on the toy world with this pack's own Train LoRA node.
 
 Writes models/loras/lw_toy/{star,dotted,purple}.safetensors (about a minute in all on 2 cores):
-each learns one held-out value from 50 captioned images in batches of 8 at learning rate 4e-3, with 20 base-world
-images for regularisation (the recipe benchmarks/quality.py measures), as a user would train it. Run by scripts/comfy_host.py after build.py:
+each learns one held-out value with the recipe benchmarks/quality.py measures (quality.IMAGES captioned
+images and quality.REG_IMAGES base-world images for regularisation), as a user would train it. Run by
+scripts/comfy_host.py after build.py:
 
     python demo_loras.py --comfyui <ComfyUI dir>
 """
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-STEPS, IMAGES, REG_IMAGES, BATCH, LEARNING_RATE = 400, 50, 20, 8, 4e-3
+STEPS = 400
 OUTPUT = "lw_toy/{value}.safetensors"  # under models/loras
 
 
@@ -42,15 +43,14 @@ def main() -> None:
         nodes, loop = _comfy_host_script().import_in_process(root, dirs, {})
         import torch
 
-        from toy_world import quality, world
+        from toy_world import quality
         torch.set_grad_enabled(True)
         toy = quality.ToyWorld(nodes.NODE_CLASS_MAPPINGS, root / "models")
-        reg = quality.images_of(world.base_scenes(), REG_IMAGES, seed=32)
+        reg = quality.regularisation_set()
         written = []
         for value, concept in quality.CONCEPTS.items():
-            images, captions = quality.images_of(concept.scenes(), IMAGES, seed=31)
-            toy.train_ours(concept, images, captions, STEPS, name=value, reg=reg, batch_size=BATCH,
-                           learning_rate=LEARNING_RATE)
+            images, captions = quality.training_set(concept)
+            toy.train_ours(concept, images, captions, STEPS, name=value, reg=reg)
             written.append("loras/" + OUTPUT.format(value=value))
             print(f"[toy_world] trained {written[-1]}", file=sys.stderr, flush=True)
         loop.close()
