@@ -110,7 +110,7 @@ BUILDERS = {
   const train = add("LW_TrainLoRA", [420, 40], {
     captions: "", trigger_word: "lwstar", output_name: "lora_workbench_examples/lwstar",
     scope: "one shape: the toy world's star (example)", rank: 8, alpha: 0, targets: "attention", steps: 300,
-    learning_rate: 0.002, batch_size: 8, grad_accumulation: 1, optimizer: "adamw", lr_schedule: "cosine",
+    learning_rate: 0.004, batch_size: 8, grad_accumulation: 1, optimizer: "adamw", lr_schedule: "cosine",
     warmup_steps: 0, seed: 1, control_after_generate: "fixed", resolution: 64, bucketing: false, noise_offset: 0.0,
     min_snr_gamma: 5.0, gradient_checkpointing: false, training_dtype: "float32", save_every: 0,
     sample_prompt: "lwstar, a red star on a grey background", sample_every: 100, resume_from: "None",
