@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from host_fixture.toy_world import build
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
 RUN_TIMEOUT_S = 300
@@ -189,7 +190,8 @@ def test_example_workflow_loads_runs_and_shows_its_results(ui, comfy_http, info_
     for file_name in written:  # what the info panel says about the LoRAs the run wrote: their origin
         text = _info_text(ui, file_name)
         if trains:
-            assert "trained in LoRA Workbench on 20 images, 20 regularisation images, 300 steps" in text, text
+            assert (f"trained in LoRA Workbench on {build.DATASET_SIZE} images, {build.REG_DATASET_SIZE} "
+                    "regularisation images, 300 steps") in text, text  # the toy world's dataset folders
             assert "lwstar" in text, text
             ui.screenshot("lora_info_trained", docs=True)
         else:
