@@ -92,7 +92,9 @@ class TrainLoRA(io.ComfyNode):
                                tooltip="LoRA alpha; the update is scaled by alpha/rank. 0 means alpha = rank."),
                 io.Combo.Input("targets", options=PRESETS, default=ATTENTION,
                                tooltip="attention: to_q/to_k/to_v/to_out (DiT: qkv/proj). attention + feed-forward "
-                                       "learns more, with a bigger file."),
+                                       "learns more, with a bigger file. cross-attention: only the layers that read "
+                                       "the prompt (attn2; UNets, Wan, LTX-Video), which touches prompts without "
+                                       "the trigger less."),
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
                                tooltip="1e-4 is a safe start for AdamW."),

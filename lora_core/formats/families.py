@@ -48,6 +48,9 @@ class Family:
     # (num_res_blocks, transformer_depth, transformer_depth_middle, transformer_depth_output) of the
     # standard UNet, as ComfyUI's unet_config names them; () where files use the ComfyUI path.
     kohya_unet_layout: tuple = ()
+    # regexes: the attention linears that read the text (a separate cross-attention); () where text and
+    # image tokens share one joint attention (MMDiTs, single-stream DiTs), so no layer reads only the text.
+    cross_attention: tuple[str, ...] = ()
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
     def _patterns(self, kind: str) -> list[re.Pattern]:
@@ -67,14 +70,15 @@ class Family:
         return {"num_res_blocks": list(res), "channel_mult": [1] * len(res), "transformer_depth": list(depth),
                 "transformer_depth_middle": middle, "transformer_depth_output": list(output)}
 
-    def is_target(self, path: str, feed_forward: bool = False) -> bool:
-        """Does this host weight path (no `diffusion_model.`, no `.weight`) belong to the preset?"""
-        kinds = ("attention", "feed_forward") if feed_forward else ("attention",)
+    def is_target(self, path: str, kinds: tuple[str, ...] = ("attention",)) -> bool:
+        """Does this host weight path (no `diffusion_model.`, no `.weight`) belong to one of these
+        pattern kinds ("attention", "feed_forward", "cross_attention")?"""
         return any(p.search(path) for kind in kinds for p in self._patterns(kind))
 
 
 _UNET_ATTENTION = (r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",)
 _UNET_FF = (r"\.ff\.net\.(0\.proj|2)$",)
+_UNET_CROSS = (r"\.attn2\.(to_q|to_k|to_v|to_out\.0)$",)
 _UNET_KEYS = (rf"(down_blocks|up_blocks|input_blocks|output_blocks|middle_block|mid_block){S}\d", r"lora_te_")
 # The standard UNets' layouts (ComfyUI's model_detection values for SD1.5/SD2 and SDXL base).
 _SD_LAYOUT = ((2, 2, 2, 2), (1, 1, 1, 1, 1, 1, 0, 0), 1, (1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0))
@@ -91,6 +95,7 @@ _LUMINA_FF = (r"(layers|noise_refiner|context_refiner)\.\d+\.feed_forward\.w[123
 _LUMINA_KEYS = (rf"(layers|noise_refiner|context_refiner){S}\d+{S}attention{S}(qkv|out)",)
 _WAN_ATTENTION = (r"blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)$",)
 _WAN_FF = (r"blocks\.\d+\.ffn\.[02]$",)
+_WAN_CROSS = (r"blocks\.\d+\.cross_attn\.(q|k|v|o|k_img|v_img)$",)
 # Wan's blocks are top-level: "blocks.0" after a root, never "transformer_blocks" or "down_blocks".
 _WAN_BLOCKS = r"(^|\.|lora_unet_|lycoris_)blocks"
 _WAN_KEYS = (rf"{_WAN_BLOCKS}{S}\d+{S}(self_attn|cross_attn){S}[qkvo]$", rf"{_WAN_BLOCKS}{S}\d+{S}attn[12]{S}to_")
@@ -100,11 +105,12 @@ FAMILIES: list[Family] = [
            ("sdxl", "stable-diffusion-xl"),
            (r"lora_te2_", r"text_encoder_2", rf"\d{S}transformer_blocks{S}[1-9]", r"add_embedding", r"label_emb"),
            _UNET_ATTENTION, _UNET_FF, ("SDXL", "SDXLRefiner", "SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B",
-                                       "SDXL_instructpix2pix"), _SDXL_LAYOUT),
+                                       "SDXL_instructpix2pix"), _SDXL_LAYOUT, _UNET_CROSS),
     Family(SD1, "stable-diffusion-v1", "sd_v1", "512x512", ("sd_v1", "stable-diffusion-v1"), _UNET_KEYS,
-           _UNET_ATTENTION, _UNET_FF, ("SD15", "SD15_instructpix2pix"), _SD_LAYOUT),
+           _UNET_ATTENTION, _UNET_FF, ("SD15", "SD15_instructpix2pix"), _SD_LAYOUT, _UNET_CROSS),
     Family(SD2, "stable-diffusion-v2-768-v", "sd_v2", "768x768", ("sd_v2", "stable-diffusion-v2"), _UNET_KEYS,
-           _UNET_ATTENTION, _UNET_FF, ("SD20", "SD21UnclipL", "SD21UnclipH", "LotusD", "SD_X4Upscaler"), _SD_LAYOUT),
+           _UNET_ATTENTION, _UNET_FF, ("SD20", "SD21UnclipL", "SD21UnclipH", "LotusD", "SD_X4Upscaler"), _SD_LAYOUT,
+           _UNET_CROSS),
     Family(SD3, "stable-diffusion-3", "sd3", "1024x1024", ("sd3", "stable-diffusion-3"), (rf"joint_blocks{S}\d",),
            (r"joint_blocks\.\d+\.(x_block|context_block)\.attn2?\.(qkv|proj)$",),
            (r"joint_blocks\.\d+\.(x_block|context_block)\.mlp\.fc[12]$",), ("SD3",)),
@@ -131,15 +137,17 @@ FAMILIES: list[Family] = [
            _LUMINA_ATTENTION, _LUMINA_FF, ("ZImage",)),
     Family(WAN21, "wan2.1", "", "1280x720", ("wan2.1", "wan2_1", "wan21"), _WAN_KEYS + (r"lora_unet__blocks",),
            _WAN_ATTENTION, _WAN_FF, ("WAN21_T2V", "WAN21_I2V", "WAN21_FunControl2V", "WAN21_Vace", "WAN21_Camera",
-                                     "WAN21_HuMo")),
+                                     "WAN21_HuMo"), cross_attention=_WAN_CROSS),
     Family(WAN22, "wan2.2", "", "1280x704", ("wan2.2", "wan2_2", "wan22"), _WAN_KEYS,
-           _WAN_ATTENTION, _WAN_FF, ("WAN22_T2V", "WAN22_S2V", "WAN22_Animate", "WAN22_Camera")),
+           _WAN_ATTENTION, _WAN_FF, ("WAN22_T2V", "WAN22_S2V", "WAN22_Animate", "WAN22_Camera"),
+           cross_attention=_WAN_CROSS),
     Family(HIDREAM, "hidream-i1", "", "1024x1024", ("hidream",), (rf"(double_stream_blocks|single_stream_blocks){S}\d",),
            (r"(double_stream_blocks|single_stream_blocks)\.\d+\.block\.attn1\.(to_q|to_k|to_v|to_out)(_t)?$",),
            (r"(double_stream_blocks|single_stream_blocks)\.\d+\.block\.ff_[it]\.(w1|w2|w3)$",), ("HiDream",)),
     Family(LTXV, "ltx-video", "", "768x512", ("ltx",), (rf"{_DIT_BLOCKS}{S}\d+{S}attn[12]{S}to_",),
            (r"transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$",),
-           (r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$",), ("LTXV", "LTXAV")),
+           (r"transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$",), ("LTXV", "LTXAV"),
+           cross_attention=(r"transformer_blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)$",)),
     Family(AURAFLOW, "auraflow", "", "1024x1024", ("aura",), (rf"(double_layers|single_layers){S}\d",),
            (r"(double_layers|single_layers)\.\d+\.attn\.w[12][qkvo]$",),
            (r"(double_layers|single_layers)\.\d+\.(mlpX|mlpC|mlp)\.(c_fc1|c_fc2|c_proj)$",), ("AuraFlow",)),

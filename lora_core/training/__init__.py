@@ -13,7 +13,7 @@ from .schedule import (
     optimizer_support,
     optimizer_tooltip,
 )
-from .targets import ATTENTION, ATTENTION_FF, PRESETS, select_targets
+from .targets import ATTENTION, ATTENTION_FF, CROSS_ATTENTION, PRESETS, select_targets
 
 __all__ = [
     "buckets", "layers", "loop", "objective", "schedule", "targets",
@@ -23,5 +23,5 @@ __all__ = [
     "EPS", "FLOW", "V_PRED", "NoiseModel", "simple_noise_model",
     "OPTIMIZERS", "SCHEDULES", "available_optimizers", "lr_factor", "make_optimizer", "optimizer_support",
     "optimizer_tooltip",
-    "ATTENTION", "ATTENTION_FF", "PRESETS", "select_targets",
+    "ATTENTION", "ATTENTION_FF", "CROSS_ATTENTION", "PRESETS", "select_targets",
 ]

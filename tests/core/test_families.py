@@ -1,9 +1,12 @@
 """lora_core.formats.families alone: which family a file was made for, what training targets on each family,
 and what a file of an unknown family says about itself."""
+import re
+
 import pytest
 
-from lora_core.formats.export import build_metadata
+from lora_core import LoRASettingsError
 from lora_core.formats import families
+from lora_core.formats.export import build_metadata
 from lora_core.training import select_targets
 
 KOHYA_SD1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -84,3 +87,29 @@ def test_each_family_trains_its_attention_linears_and_nothing_else(family, paths
     shapes = {f"diffusion_model.{p}.weight": (8, 8) for p in paths + others}
     shapes["diffusion_model.blocks.0.self_attn.norm_q.weight"] = (8,)
     assert select_targets(shapes, "attention", family) == sorted(f"diffusion_model.{p}.weight" for p in paths)
+
+
+@pytest.mark.parametrize("family, cross, self_attention", [
+    ("SD1.x", ["input_blocks.1.1.transformer_blocks.0.attn2.to_q", "middle_block.1.transformer_blocks.0.attn2.to_k",
+               "output_blocks.3.1.transformer_blocks.0.attn2.to_v", "input_blocks.1.1.transformer_blocks.0.attn2.to_out.0"],
+     ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0"]),
+    ("SDXL", ["input_blocks.4.1.transformer_blocks.1.attn2.to_v"], ["input_blocks.4.1.transformer_blocks.1.attn1.to_k"]),
+    ("Wan 2.1", ["blocks.0.cross_attn.q", "blocks.3.cross_attn.o", "blocks.3.cross_attn.k_img"],
+     ["blocks.0.self_attn.q", "blocks.0.self_attn.o"]),
+    ("LTX-Video", ["transformer_blocks.0.attn2.to_k"], ["transformer_blocks.0.attn1.to_k"]),
+])
+def test_the_cross_attention_preset_trains_only_the_layers_that_read_the_text(family, cross, self_attention):
+    others = ["input_blocks.1.1.transformer_blocks.0.ff.net.2", "blocks.0.ffn.0", "input_blocks.1.1.proj_in"]
+    shapes = {f"diffusion_model.{p}.weight": (8, 8) for p in cross + self_attention + others}
+    assert select_targets(shapes, "cross-attention", family) == sorted(f"diffusion_model.{p}.weight" for p in cross)
+    assert set(select_targets(shapes, "attention", family)) == {f"diffusion_model.{p}.weight"
+                                                                for p in cross + self_attention}
+
+
+@pytest.mark.parametrize("family", ["Flux", "SD3", "Qwen-Image", "Lumina2", "HiDream", "AuraFlow", "unknown"])
+def test_the_cross_attention_preset_refuses_a_joint_attention_family_by_name(family):
+    shapes = {"diffusion_model.double_blocks.0.img_attn.qkv.weight": (24, 8),
+              "diffusion_model.joint_blocks.0.context_block.attn.qkv.weight": (24, 8)}
+    with pytest.raises(LoRASettingsError, match=rf"'cross-attention': a {re.escape(family)} model has no separate "
+                                                r"cross-attention layers.*choose 'attention'"):
+        select_targets(shapes, "cross-attention", family)

@@ -243,3 +243,33 @@ def test_captions_from_a_dataset_loader_and_regularisation_images(comfy_host, ho
     prompt["3"]["inputs"]["reg_captions"] = "a circle\na triangle"
     with pytest.raises(Exception, match="2 captions for 3 regularisation images"):
         comfy_host.run(prompt, outputs=["3"])
+
+
+def test_cross_attention_targets_train_only_the_layers_that_read_the_prompt(comfy_host):
+    """targets 'cross-attention': the file holds attn2's four linears per transformer block and nothing of
+    attn1, and core's loader applies it to the same weights as ours."""
+    out = comfy_host.run(_train_prompt("trained/cross_attention", steps=3, extra={"targets": "cross-attention"}),
+                         outputs=["3"])["3"]
+    model_out, file_name = out.output(0), out.output(5)
+    with safe_open(str(comfy_host.loras_dir / file_name), "pt") as f:
+        modules = {k.split(".")[0] for k in f.keys()}
+    assert modules and all("_attn2_" in m for m in modules), sorted(modules)
+    assert len(modules) == 56 // 2  # half of the attention linears (test above: 56 modules)
+    model = comfy_host.nodes.CheckpointLoaderSimple().load_checkpoint(SD15)[0]
+    core_model = comfy_host.nodes.LoraLoaderModelOnly().load_lora_model_only(model, file_name, 1.0)[0]
+    targets = [k for k in attention_targets(model) if ".attn2." in k]
+    ours, theirs, base = patched_weights(model_out), patched_weights(core_model), patched_weights(model)
+    assert max_relative_error(ours, theirs, targets) < 1e-5
+    assert max_relative_error(ours, base, targets) > 1e-6
+    untouched = [k for k in attention_targets(model) if ".attn1." in k]
+    assert max_relative_error(ours, base, untouched) == 0.0
+
+
+def test_cross_attention_targets_on_a_joint_attention_model_are_refused_before_training(comfy_host):
+    from conftest import PromptError
+    prompt = _train_prompt("refused", steps=2, extra={"targets": "cross-attention", "model": ["4", 0]})
+    prompt["4"] = {"class_type": "UNETLoader", "inputs": {"unet_name": "lw_tiny_flux.safetensors",
+                                                          "weight_dtype": "default"}}
+    with pytest.raises(PromptError, match="a Flux model has no separate cross-attention layers"):
+        comfy_host.run(prompt, outputs=["3"])
+    assert not (comfy_host.loras_dir / "refused.safetensors").exists()
