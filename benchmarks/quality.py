@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a LoRA does, measured on the toy world: concept, scope, against core, stacking, merge.
 
-    python3 benchmarks/quality.py            # full figures (4 seeds, 600 steps): 14 minutes on 2 cores
+    python3 benchmarks/quality.py            # full figures (4 seeds, 600 steps): 15 minutes on 2 cores
     python3 benchmarks/quality.py --quick    # 2 seeds, 300 steps: about 5 minutes on 2 cores
 
 Runs in the pinned ComfyUI host's python (re-executes itself like benchmarks/run.py), loads the
@@ -30,11 +30,13 @@ from lwbench import host as hostmod  # noqa: E402
 # Goals from issue 16; each figure is printed beside its goal and both sides' numbers.
 GOALS = {"concept": 0.80, "scope": 0.95}
 # Our Train LoRA runs of each concept: (key, row in the table, row in the figure, with the
-# regularisation images). v_pred_like_loss and feed-forward targets were measured on the 20-image
+# regularisation images, other Train LoRA inputs). v_pred_like_loss and feed-forward targets were measured on the 20-image
 # recipe and did not help (results/quality-2026-11-30-20images.json), so they are not run again.
 OUR_RUNS = (
-    ("plain", "ours", "ours, no regularisation", False),
-    ("reg", "ours + regularisation", "ours + regularisation", True),
+    ("plain", "ours", "ours, no regularisation", False, {}),
+    ("reg", "ours + regularisation", "ours + regularisation", True, {}),
+    ("cross", "ours + regularisation, cross-attention targets", "ours + reg, cross-attention only", True,
+     {"targets": "cross-attention"}),
 )
 # The stacks and merges use the LoRAs trained with regularisation.
 FIGURE = HERE.parent / "docs" / "images" / "toy_world_quality.png"
@@ -102,11 +104,11 @@ class Bench:
         runs, loras = {}, {}
         if concept_name == "star":
             self.keep_for_figure("base model", self.toy.model)
-        for key, run, figure_label, with_reg in OUR_RUNS:
+        for key, run, figure_label, with_reg, options in OUR_RUNS:
             log(f"{concept_name}: {run}")
             model, loras[key], seconds = self.toy.train_ours(concept, images, captions, self.steps,
                                                              name=f"{concept_name}_{key}",
-                                                             reg=reg if with_reg else None)
+                                                             reg=reg if with_reg else None, **options)
             runs[run] = {"seconds": round(seconds, 1), **self.figures(model, concept)}
             if concept_name == "star":
                 self.keep_for_figure(figure_label, model)
