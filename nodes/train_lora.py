@@ -138,9 +138,10 @@ class TrainLoRA(io.ComfyNode):
                                         "loader's texts."),
                 io.Float.Input("v_pred_like_loss", optional=True, default=0.0, min=0.0, max=10.0, step=0.1,
                                tooltip="kohya's option: adds this much of a v-prediction-like loss, which weights "
-                                       "the noisiest steps (where shapes and layout are decided) more. Helps a "
-                                       "LoRA learn a new shape or object; 0 is off. Epsilon models (SD1.5, SDXL) "
-                                       "only: v-prediction and flow models already weight those steps."),
+                                       "the noisiest steps (where shapes and layout are decided) more; 0 is off. "
+                                       "Measured on the toy world it did not help a LoRA learn a new shape. "
+                                       "Epsilon models (SD1.5, SDXL) only: v-prediction and flow models already "
+                                       "weight those steps."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The base model with the new LoRA applied."),

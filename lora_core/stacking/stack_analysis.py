@@ -26,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import NamedTuple
 
 from .. import caches
 from ..errors import LoRASettingsError
@@ -215,6 +216,26 @@ def _pattern(shape: StackShape, values: list[list[float]]) -> "_Pattern":
     return pattern
 
 
+class _Pair(NamedTuple):
+    """One LoRA pair on one planned layer, at strengths +-1 (the pattern's signs)."""
+    n: int          # the active layer (index into _Pattern.active)
+    qa: int         # positions of the two LoRAs among the layer's LoRAs that are on
+    qb: int
+    cosine: float
+    target: Target
+    name_a: str
+    name_b: str
+    dot: float
+    root_a: float   # sqrt(G_aa), sqrt(G_bb): the norms at strength 1
+    root_b: float
+    g_ab: float
+    g_aa: float
+    g_bb: float
+
+    def overlap(self) -> LayerOverlap:
+        return LayerOverlap(self.target, self.name_a, self.name_b, self.cosine, self.dot, self.root_a, self.root_b)
+
+
 class _Pattern:
     """What a stack's analysis keeps per sign pattern of its strengths: everything but their sizes.
 
@@ -223,9 +244,7 @@ class _Pattern:
     labels:  (target, LoRA names) in the same order
     grams:   each active layer's Gram matrix over the LoRAs on, row by row, for the layer cap's s^T G s
     pairs:   as pair_cosines(by_lora(...)) orders them (LoRAs by first appearance over the planned
-             layers, layers LoRA by LoRA): (n, qa, qb, cosine, target, name_a, name_b, dot, root_a, root_b,
-             G_ab, G_aa, G_bb) with n the active layer, qa/qb positions among its LoRAs on, and cosine,
-             dot and roots at strengths +-1 (this pattern's signs)
+             layers, layers LoRA by LoRA): _Pair each
     ranking, block_table: built on first use
     """
 
@@ -247,7 +266,7 @@ class _Pattern:
             self.grams.append(tuple(layer.gram[ka][kb] for ka in pos for kb in pos))
         self.pairs = self._pairs(names, signs)
 
-    def _pairs(self, names, signs) -> list[tuple]:
+    def _pairs(self, names, signs) -> list[_Pair]:
         rank: dict[int, int] = {}  # stack index -> order of first appearance
         by_rank: dict[int, list[int]] = {}
         for n, (_, _, loras, _) in enumerate(self.active):
@@ -276,22 +295,22 @@ class _Pattern:
                     g = row[pos[qb]]
                     dot = sign[qa] * sign[qb] * g
                     cos = cosine_from(dot, roots[qa], roots[qb])
-                    pairs.append((n, qa, qb, cos, layer.target, name_a, names[loras[qb]], dot, roots[qa], roots[qb],
-                                  g, diag[qa], diag[qb]))
+                    pairs.append(_Pair(n, qa, qb, cos, layer.target, name_a, names[loras[qb]], dot, roots[qa],
+                                       roots[qb], g, diag[qa], diag[qb]))
         return pairs
 
     @cached_property
     def ranking(self) -> list[int]:
         """Pairs by |cosine|, strongest first, as top_overlaps sorts them (stable, NaN left out)."""
-        order = [p for p, pair in enumerate(self.pairs) if not math.isnan(pair[3])]
-        order.sort(key=lambda p: abs(self.pairs[p][3]), reverse=True)
+        order = [p for p, pair in enumerate(self.pairs) if not math.isnan(pair.cosine)]
+        order.sort(key=lambda p: abs(self.pairs[p].cosine), reverse=True)
         return order
 
     @cached_property
     def block_table(self) -> tuple[list[str], list[str], list[list[float]]]:
         """interference.block_table at strengths +-1: a block's cosine, sum of dots over the root sums of
         squared norms, is the same at any strengths that are equal over the block."""
-        return block_table([LayerOverlap(p[4], p[5], p[6], p[3], p[7], p[8], p[9]) for p in self.pairs])
+        return block_table([pair.overlap() for pair in self.pairs])
 
 
 class _PatternOverlaps:
@@ -305,13 +324,12 @@ class _PatternOverlaps:
         # pattern's cosine to rounding (|difference| < 1e-15), which the ranking and block table rely on.
         self._sizes_safe = all(v == 0.0 or _SAFE_LOW < abs(v) < _SAFE_HIGH for row in values for v in row)
 
-    def _overlap(self, pair: tuple) -> LayerOverlap:
-        n, qa, qb, _, target, name_a, name_b, _, _, _, g_ab, g_aa, g_bb = pair
-        layer, _, loras, _ = self._pattern.active[n]
-        sa, sb = self._values[loras[qa]][layer.slot], self._values[loras[qb]][layer.slot]
-        dot = sa * sb * g_ab
-        na, nb = math.sqrt(max(sa * sa * g_aa, 0.0)), math.sqrt(max(sb * sb * g_bb, 0.0))
-        return LayerOverlap(target, name_a, name_b, cosine_from(dot, na, nb), dot, na, nb)
+    def _overlap(self, pair: _Pair) -> LayerOverlap:
+        layer, _, loras, _ = self._pattern.active[pair.n]
+        sa, sb = self._values[loras[pair.qa]][layer.slot], self._values[loras[pair.qb]][layer.slot]
+        dot = sa * sb * pair.g_ab
+        na, nb = math.sqrt(max(sa * sa * pair.g_aa, 0.0)), math.sqrt(max(sb * sb * pair.g_bb, 0.0))
+        return LayerOverlap(pair.target, pair.name_a, pair.name_b, cosine_from(dot, na, nb), dot, na, nb)
 
     def all(self) -> list[LayerOverlap]:
         if self._all is None:
@@ -321,8 +339,8 @@ class _PatternOverlaps:
     def cosines(self) -> dict[tuple[int, int, int], float]:
         """The cosines at these strengths by (active layer, position, position), both ways, for decorrelate."""
         cosines = {}
-        for (n, qa, qb, *_), o in zip(self._pattern.pairs, self.all()):
-            cosines[(n, qa, qb)] = cosines[(n, qb, qa)] = o.cosine
+        for pair, o in zip(self._pattern.pairs, self.all()):
+            cosines[(pair.n, pair.qa, pair.qb)] = cosines[(pair.n, pair.qb, pair.qa)] = o.cosine
         return cosines
 
     def top(self, n: int) -> list[LayerOverlap]:
@@ -331,10 +349,10 @@ class _PatternOverlaps:
         pairs, ranking = self._pattern.pairs, self._pattern.ranking
         if n <= 0 or not ranking or not self._sizes_safe or self._all is not None:
             return top_overlaps(self.all(), n)
-        bar = abs(pairs[ranking[min(n, len(ranking)) - 1]][3]) - _RANK_SLACK
+        bar = abs(pairs[ranking[min(n, len(ranking)) - 1]].cosine) - _RANK_SLACK
         near = []
         for p in ranking:
-            if abs(pairs[p][3]) < bar:
+            if abs(pairs[p].cosine) < bar:
                 break
             near.append(p)
         return top_overlaps([self._overlap(pairs[p]) for p in sorted(near)], n)

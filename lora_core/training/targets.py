@@ -5,9 +5,9 @@ from ..errors import LoRASettingsError
 from ..formats.families import UNKNOWN, family
 
 ATTENTION, ATTENTION_FF, CROSS_ATTENTION = "attention", "attention + feed-forward", "cross-attention"
-PRESETS = [ATTENTION, ATTENTION_FF, CROSS_ATTENTION]
 # Each preset's pattern kinds in the family registry (lora_core.formats.families.Family).
 _KINDS = {ATTENTION: ("attention",), ATTENTION_FF: ("attention", "feed_forward"), CROSS_ATTENTION: ("cross_attention",)}
+PRESETS = list(_KINDS)
 MODEL_ROOT = "diffusion_model."
 
 
