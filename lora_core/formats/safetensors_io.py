@@ -95,9 +95,17 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
         if t.is_floating_point():
             by_dtype.setdefault(t.dtype, []).append(key)
     for keys in by_dtype.values():
-        if not bool(torch.isfinite(torch.cat([tensors[k].reshape(-1) for k in keys])).all()):
+        if not _all_finite(torch.cat([tensors[k].reshape(-1) for k in keys])):
             return next(k for k in keys if not bool(torch.isfinite(tensors[k]).all()))
     return None
+
+
+def _all_finite(flat: torch.Tensor) -> bool:
+    if flat.dtype == torch.float16:
+        # NaN and inf survive a sum, and no sum of finite fp16 values (|x| <= 65504) overflows fp32: one
+        # reduction instead of torch.isfinite, which is ~3x slower on fp16 (no vector path on CPU)
+        return bool(torch.isfinite(flat.sum(dtype=torch.float32)))
+    return bool(torch.isfinite(flat).all())
 
 
 def _create_part_file(folder: str) -> tuple[str, int]:

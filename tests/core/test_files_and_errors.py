@@ -60,6 +60,25 @@ def test_nan_tensor_is_named(tmp_path):
         read_lora_file(p)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", [[float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]])
+def test_non_finite_values_of_every_dtype_are_named(tmp_path, dtype, bad):
+    """fp16 files are checked by one fp32 sum (NaN and inf survive it); the others element by element."""
+    up, down = torch.ones(64, 4, dtype=dtype), torch.ones(4, 64, dtype=dtype)
+    for i, value in enumerate(bad):
+        down[i, 7] = value
+    p = _write(tmp_path / "bad.safetensors", {"layer.lora_up.weight": up, "layer.lora_down.weight": down})
+    with pytest.raises(LoRAFileError, match=r"tensor 'layer\.lora_down\.weight' contains NaN or inf"):
+        read_lora_file(p)
+
+
+def test_the_largest_finite_fp16_values_are_not_mistaken_for_inf(tmp_path):
+    big = torch.full((512, 512), 65504.0, dtype=torch.float16)  # their sum is far beyond fp16, not fp32
+    tensors, _ = read_lora_file(_write(tmp_path / "big.safetensors", {"layer.lora_up.weight": big,
+                                                                       "layer.lora_down.weight": -big}))
+    assert torch.equal(tensors["layer.lora_up.weight"], big)
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "out.safetensors"
     write_lora_file(str(target), {"x": torch.arange(4.0)}, {"v": "1"})
