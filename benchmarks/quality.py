@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a LoRA does, measured on the toy world: concept, scope, against core, stacking, merge.
 
-    python3 benchmarks/quality.py            # full figures (4 seeds, 600 steps): 15 minutes on 2 cores
+    python3 benchmarks/quality.py            # full figures (4 seeds, 600 steps): 20 minutes on 2 cores
     python3 benchmarks/quality.py --quick    # 2 seeds, 300 steps: about 5 minutes on 2 cores
 
 Runs in the pinned ComfyUI host's python (re-executes itself like benchmarks/run.py), loads the
@@ -37,6 +37,14 @@ OUR_RUNS = (
     ("reg", "ours + regularisation", "ours + regularisation", True, {}),
     ("cross", "ours + regularisation, cross-attention targets", "ours + reg, cross-attention only", True,
      {"targets": "cross-attention"}),
+    # Output preservation (preserve_untriggered): with no regularisation images at all, and with them on the
+    # cross-attention layers at learning rate 8e-3 (preservation pulls toward the base model, so it takes a
+    # higher rate: on the star, 4e-3 gave 56% / 95%, 8e-3 64% / 95%, one run each).
+    ("preserve", "ours, output preservation, no regularisation", "ours, output preservation", False,
+     {"preserve_untriggered": True}),
+    ("reg_preserve_cross", "ours + regularisation + output preservation, cross-attention, lr 8e-3",
+     "ours + reg + preservation, cross-attn", True,
+     {"preserve_untriggered": True, "targets": "cross-attention", "learning_rate": 8e-3}),
 )
 # The stacks and merges use the LoRAs trained with regularisation.
 FIGURE = HERE.parent / "docs" / "images" / "toy_world_quality.png"

@@ -5,6 +5,7 @@ lora_core.training runs the loop; this module only adapts ComfyUI's objects to i
 from __future__ import annotations
 
 import hashlib
+import re
 import weakref
 
 import comfy.model_management as mm
@@ -50,6 +51,15 @@ def split_captions(captions: str | list[str], trigger: str, count: int, what: st
                         "(one per line, in image order) or a single caption for all.")
     trigger = trigger.strip()
     return [f"{trigger}, {c}".strip(", ") if trigger else c for c in lines]
+
+
+def without_trigger(caption: str, trigger: str) -> str:
+    """The caption with the trigger word taken out wherever it stands as a word (commas tidied)."""
+    if not trigger.strip():
+        return caption
+    text = re.sub(rf"(?<![\w-]){re.escape(trigger.strip())}(?![\w-])", "", caption)
+    parts = [" ".join(part.split()) for part in text.split(",")]
+    return ", ".join(part for part in parts if part)
 
 
 def prepare_images(images: list[torch.Tensor], resolution: int, bucketing: bool) -> list[torch.Tensor]:

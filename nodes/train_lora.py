@@ -26,6 +26,7 @@ from ..lora_core.training import (
     TrainingDiverged,
     TrainSettings,
     available_optimizers,
+    base_outputs,
     make_optimizer,
     optimizer_tooltip,
     train,
@@ -39,8 +40,10 @@ from .lora_files import load_named_lora, lora_names, lora_path, output_path
 from .lw_types import LW_LORA, MERGE, NONE
 from .train_bridge import (
     attach_trainable,
+    build_samples,
     collate_host_conds,
     denoiser,
+    encode_captions,
     encode_dataset,
     image_sha256,
     layers_to_lora,
@@ -53,6 +56,7 @@ from .train_bridge import (
     training_targets,
     unload,
     weights_sha256,
+    without_trigger,
 )
 from .train_preview import render_samples, send_progress
 
@@ -136,6 +140,14 @@ class TrainLoRA(io.ComfyNode):
                 io.String.Input("reg_captions", optional=True, multiline=True, default="",
                                 tooltip="Captions of the regularisation images: one per line, or a dataset "
                                         "loader's texts."),
+                io.Boolean.Input("preserve_untriggered", optional=True, default=False,
+                                 tooltip="Output preservation (ai-toolkit's Differential Output Preservation): each "
+                                         "image is also trained under its caption without the trigger word, at the "
+                                         "same noise, toward what the base model itself predicts there. The LoRA "
+                                         "learns to act only where its trigger word is: prompts without it keep "
+                                         "what the base model draws, even without regularisation images. Needs a "
+                                         "trigger word. A step costs up to 2.3x (each image trains twice, plus "
+                                         "one forward of the base model)."),
                 io.Float.Input("v_pred_like_loss", optional=True, default=0.0, min=0.0, max=10.0, step=0.1,
                                tooltip="kohya's option: adds this much of a v-prediction-like loss, which weights "
                                        "the noisiest steps (where shapes and layout are decided) more; 0 is off. "
@@ -206,6 +218,9 @@ class TrainingRun:
         self.targets = training_targets(self.model, a["targets"], self.family)  # none: refused now
         self.settings = _settings(a)
         self.settings.validate()
+        if a.get("preserve_untriggered") and not a["trigger_word"].strip():
+            raise LoRAError("Train LoRA: preserve_untriggered trains each image without its trigger word too; give "
+                            "a trigger_word, or turn preserve_untriggered off.")
         self.start_step, self.optimizer_state = 0, None
         # Files name modules as the family's trainers do (SD1.x/SDXL: diffusers paths, kohya sd-scripts).
         self.file_names = standard_names(self.family, self.model)
@@ -243,7 +258,20 @@ class TrainingRun:
         self.provenance["images_sha256"] = [image_sha256(i) for i in self.images]
         self.provenance["captions_sha256"] = hashlib.sha256("\n".join(self.captions).encode()).hexdigest()
         samples = encode_dataset(self.model, a["clip"], a["vae"], self.images, self.captions)
+        self._pair_with_untriggered(samples)
         return samples + self._regularisation()
+
+    def _pair_with_untriggered(self, samples: list) -> None:
+        """Output preservation: each image also under its caption without the trigger word, trained in the
+        same step toward the base model's own prediction, so the LoRA acts where the trigger word is."""
+        a = self.a
+        if not self.preserving:
+            return
+        plain = [without_trigger(c, a["trigger_word"]) for c in split_captions(a["captions"], "", len(samples))]
+        by_caption = encode_captions(a["clip"], plain)
+        for sample, twin in zip(samples, build_samples(self.model, [s.latent for s in samples],
+                                                       [by_caption[c] for c in plain])):
+            sample.twin = twin
 
     def _regularisation(self) -> list:
         """Prior preservation (as kohya's reg images): samples of what the base model should keep
@@ -258,6 +286,10 @@ class TrainingRun:
         self.provenance["reg_images_sha256"] = [image_sha256(i) for i in images]
         self.provenance["reg_captions_sha256"] = hashlib.sha256("\n".join(captions).encode()).hexdigest()
         return encode_dataset(self.model, a["clip"], a["vae"], images, captions)
+
+    @property
+    def preserving(self) -> bool:
+        return bool(self.a.get("preserve_untriggered"))
 
     # ------------------------------------------------------------ training
     def train(self, samples: list) -> None:
@@ -275,10 +307,11 @@ class TrainingRun:
         try:
             device = load_for_training(trainer)
             with training_context():
-                result, _ = train(self._denoiser(trainer, device), samples, params, noise_model_of(trainer),
+                denoise = self._denoiser(trainer, device)
+                result, _ = train(denoise, samples, params, noise_model_of(trainer),
                                   settings, hooks, device, start_step=self.start_step,
                                   optimizer_state=self.optimizer_state, collate=collate_host_conds,
-                                  optimizer=optimizer)
+                                  optimizer=optimizer, base_denoise=self._base_denoiser(denoise))
         except TrainingDiverged as e:
             kept = f" The last good save is {self.last_good}." if self.last_good else " Nothing was saved."
             raise LoRAError(f"{e}{kept}") from e
@@ -304,6 +337,16 @@ class TrainingRun:
             with torch.autocast(device.type, dtype=dtype):
                 return denoise(x, s, c).float()
         return autocast_denoise
+
+    def _base_denoiser(self, denoise):
+        """The frozen base model's prediction (every LoRA layer off), for output preservation."""
+        if not self.preserving:
+            return None
+
+        def base_denoise(x, s, c):
+            with base_outputs(self.layers.values()):
+                return denoise(x, s, c)
+        return base_denoise
 
     def _on_step(self, trainer, step: int, loss: float, lr: float) -> None:
         a = self.a

@@ -6,6 +6,7 @@ and removed again on unpatch, exactly like the inference-time BypassForward.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -24,6 +25,7 @@ class LoRATrainLayer(torch.nn.Module):
             raise LoRAShapeError(f"rank {rank} does not fit layer '{name}' ({out_features}x{in_features}): "
                                  f"choose a rank between 1 and {min(in_features, out_features)}.")
         self.rank, self.alpha, self.name = rank, float(alpha), name
+        self.enabled = True  # off: the host model computes the frozen base's output (base_outputs())
         self.down = torch.nn.Parameter(torch.empty(rank, in_features))  # A
         self.up = torch.nn.Parameter(torch.zeros(out_features, rank))   # B = 0: step 0 is the base model
         if init == INIT_GAUSSIAN:
@@ -59,11 +61,26 @@ class TrainForward:
     def __call__(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.inner(x, *args, **kwargs) if self.inner is not None else \
             type(self.module).forward(self.module, x, *args, **kwargs)
+        if not self.layer.enabled:
+            return base
         extra = self.layer(x.clone() if self.private_input and torch.is_grad_enabled() else x)
         if self.offset is not None:
             _, start, length = self.offset
             extra = F.pad(extra, (start, base.shape[-1] - start - length))
         return base + extra
+
+
+@contextlib.contextmanager
+def base_outputs(layers):
+    """Inside: the model the layers are attached to computes what its frozen base computes."""
+    layers = list(layers)
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 class CloneInputForward:

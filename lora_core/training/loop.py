@@ -52,6 +52,9 @@ class TrainSettings:
 class Sample:
     latent: torch.Tensor    # [C, H, W] (or [C, T, H, W]) clean latent, as the model sees it
     cond: dict              # per-sample conditioning: tensors with a leading batch dim of 1, or other values
+    # The same latent under another conditioning (its caption without the trigger word), trained in the same
+    # step, at the same noise, toward the frozen base model's prediction: output preservation.
+    twin: "Sample | None" = None
 
 
 def collate_conds(conds: list[dict], device) -> dict:
@@ -103,14 +106,25 @@ def _pick(buckets: list[list[int]], batch_size: int, g: torch.Generator) -> list
     return [bucket[int(i)] for i in order]
 
 
+@torch.no_grad()
+def _with_twins(batch: list[Sample], x_t, sigma, x0, base_denoise, device, collate):
+    """The batch plus its samples' twins: the same noisy latents, the twins' conditioning, and as the
+    target the base model's own prediction there (what the LoRA must leave unchanged)."""
+    rows = [r for r, s in enumerate(batch) if s.twin is not None]
+    twins = [batch[r].twin for r in rows]
+    kept = base_denoise(x_t[rows], sigma[rows], collate([t.cond for t in twins], device)).to(x0.dtype)
+    return (torch.cat([x_t, x_t[rows]]), torch.cat([sigma, sigma[rows]]), torch.cat([x0, kept]), batch + twins)
+
+
 def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parameter], noise_model: NoiseModel,
           settings: TrainSettings, hooks: TrainHooks | None = None, device="cpu", start_step: int = 0,
           optimizer_state: dict | None = None, target: Callable | None = None,
           collate: Callable = collate_conds, optimizer: torch.optim.Optimizer | None = None,
-          ) -> tuple[TrainResult, torch.optim.Optimizer]:
+          base_denoise: Callable | None = None) -> tuple[TrainResult, torch.optim.Optimizer]:
     """Run settings.steps - start_step optimizer steps. `target(x_t, sigma, cond)`, when given, replaces
     the clean latent as the regression target (distilling a teacher's denoiser). `collate(conds, device)`
-    batches the samples' conditionings. A caller that passes its own `optimizer` keeps it, and with it
+    batches the samples' conditionings. `base_denoise`, the frozen base model's denoiser, turns on the
+    samples' twins (output preservation). A caller that passes its own `optimizer` keeps it, and with it
     what was learned, when an exception (a host's interrupt) leaves the loop mid-way."""
     settings.validate()
     hooks = hooks or TrainHooks()
@@ -132,10 +146,14 @@ def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parame
             group["lr"] = lr
         total = 0.0
         for _ in range(settings.grad_accumulation):
-            x0, cond = collate_batch(samples, _pick(buckets, settings.batch_size, g), device, collate)
+            batch = [samples[i] for i in _pick(buckets, settings.batch_size, g)]
+            x0 = torch.stack([s.latent for s in batch]).to(device)
             noise = sample_noise(x0, g, settings.noise_offset)
             sigma = noise_model.sigma_of(torch.rand(x0.shape[0], generator=g, dtype=torch.float64)).float().to(device)
             x_t = noise_model.add_noise(x0, noise, sigma)
+            if base_denoise is not None and any(s.twin is not None for s in batch):
+                x_t, sigma, x0, batch = _with_twins(batch, x_t, sigma, x0, base_denoise, device, collate)
+            cond = collate([s.cond for s in batch], device)
             if target is not None:
                 with torch.no_grad():
                     x0 = target(x_t, sigma, cond)

@@ -208,3 +208,102 @@ def test_v_pred_like_loss_weights_noisy_steps_as_kohya_does():
     # the noisy step gains 6x, the clean one 2x: the balance moves to where shapes are decided
     assert torch.allclose(simple_noise_model(V_PRED).loss_weight(sigma, 5.0, 1.0),
                           simple_noise_model(V_PRED).loss_weight(sigma, 5.0))
+
+
+# ---------------------------------------------------------------- output preservation (twins)
+
+TRIGGER = torch.randn(1, 1, 8, generator=torch.Generator().manual_seed(42)) * 3
+
+
+def _twinned_data(n=12, seed=1):
+    """Samples whose context carries a trigger token first; each twin is the same latent with that token
+    blanked, as a caption without its trigger word."""
+    out = []
+    for s in _data(n, seed):
+        plain = s.cond["ctx"].clone()
+        plain[:, 0] = 0
+        triggered = plain.clone()
+        triggered[:, :1] = TRIGGER
+        out.append(Sample(s.latent, {"ctx": triggered}, twin=Sample(s.latent, {"ctx": plain})))
+    return out
+
+
+def _base_of(model, layers):
+    from lora_core.training import base_outputs
+
+    def base_denoise(x, sigma, cond):
+        with base_outputs(layers):
+            return model(x, sigma, cond)
+    return base_denoise
+
+
+def _untriggered_drift(preserve: bool, steps=150):
+    """Train on the twinned data (clean latents as targets); how far the untriggered outputs move from the
+    base model's, and how well the triggered samples are fitted."""
+    noise_model = simple_noise_model(EPS)
+    model, reference = ToyDenoiser(), ToyDenoiser()
+    layers = _install(model, rank=4, seed=3)
+    params = [p for layer in layers for p in layer.parameters()]
+    data = _twinned_data()
+    settings = TrainSettings(steps=steps, learning_rate=3e-3, batch_size=4, seed=7, lr_schedule="constant")
+    result, _ = train(model, data, params, noise_model, settings,
+                      base_denoise=_base_of(model, layers) if preserve else None)
+    g = torch.Generator().manual_seed(99)
+    plain = torch.cat([s.twin.cond["ctx"] for s in data])
+    x_t = torch.randn(len(data), 16, 4, 4, generator=g)
+    sigma = torch.full((len(data),), 1.0)
+    with torch.no_grad():
+        drift = float((model(x_t, sigma, {"ctx": plain}) - reference(x_t, sigma, {"ctx": plain})).pow(2).mean())
+    return drift, result.losses
+
+
+def test_output_preservation_keeps_untriggered_outputs_near_the_base_model():
+    drift_plain, losses_plain = _untriggered_drift(False)
+    drift_kept, losses_kept = _untriggered_drift(True)
+    assert drift_plain > 1e-3                # without it the LoRA moves prompts without the trigger
+    assert drift_kept < 0.4 * drift_plain    # with it they stay near the base model (measured 0.28x)
+    # and the triggered samples are still learned (the loss includes the twins' rows, which start at 0)
+    assert sum(losses_kept[-10:]) < 0.8 * sum(losses_kept[:10])
+
+
+def test_twins_share_their_samples_noise_and_regress_onto_the_base_prediction():
+    model = ToyDenoiser()
+    layers = _install(model, rank=2, seed=0)
+    for layer in layers:
+        layer.up.data.normal_()  # a LoRA that already changes the output: base and model differ
+    seen = {}
+
+    def denoise(x_t, sigma, cond):
+        seen["x_t"], seen["sigma"], seen["ctx"] = x_t, sigma, cond["ctx"]
+        seen["pred"] = model(x_t, sigma, cond)
+        return seen["pred"]
+
+    def base_denoise(x_t, sigma, cond):
+        seen["base_x_t"] = x_t
+        return _base_of(model, layers)(x_t, sigma, cond)
+    data = _twinned_data(n=4)
+    params = [p for layer in layers for p in layer.parameters()]
+    train(denoise, data, params, simple_noise_model(), TrainSettings(steps=1, batch_size=4, learning_rate=1e-9),
+          base_denoise=base_denoise)
+    x_t, ctx = seen["x_t"], seen["ctx"]
+    assert x_t.shape[0] == 8                                  # 4 samples + their 4 twins
+    assert torch.equal(x_t[4:], x_t[:4]) and torch.equal(seen["sigma"][4:], seen["sigma"][:4])
+    assert torch.equal(seen["base_x_t"], x_t[:4])
+    assert (ctx[:4, 0] != 0).all() and (ctx[4:, 0] == 0).all()  # the twins carry the untriggered context
+    with torch.no_grad():  # the base prediction is the model with every layer off, not the model itself
+        base = _base_of(model, layers)(x_t[4:], seen["sigma"][4:], {"ctx": ctx[4:]})
+        assert not torch.allclose(base, seen["pred"][4:].detach(), atol=1e-3)
+        assert torch.allclose(base, ToyDenoiser()(x_t[4:], seen["sigma"][4:], {"ctx": ctx[4:]}), atol=1e-6)
+
+
+def test_twins_are_ignored_without_a_base_denoiser_bit_for_bit():
+    def run(data):
+        model = ToyDenoiser()
+        layers = _install(model, rank=2, seed=0)
+        train(model, data, [p for layer in layers for p in layer.parameters()], simple_noise_model(),
+              TrainSettings(steps=5, batch_size=4, learning_rate=1e-3))
+        return layers
+    twinned = _twinned_data()
+    plain = [Sample(s.latent, s.cond) for s in twinned]
+    for a, b in zip(run(twinned), run(plain)):
+        assert torch.equal(a.up, b.up) and torch.equal(a.down, b.down)

@@ -73,6 +73,9 @@ STEPS = 600
 CONCEPT_MIN = 0.25
 SCOPE_MIN = 0.85
 MERGE_SAME_MIN = 0.8
+# Output preservation with no regularisation images: 90% in the benchmark, 83% (20 of 24) here on 2026-11-30;
+# the plain recipe without regularisation images keeps 41%.
+PRESERVED_SCOPE_MIN = 0.75
 SCOPE_SCENES = world.base_scenes()[::8]                          # 12 untriggered prompts
 
 
@@ -93,6 +96,22 @@ def test_trained_lora_keeps_prompts_without_its_trigger(toy, star_training):
     moved = quality.mean_movement(base, drawn)
     assert same >= SCOPE_MIN, f"untriggered prompts: {same:.0%} same detections as the base model, same seeds " \
                               f"(movement {moved:.3f})"
+
+
+def test_output_preservation_keeps_prompts_without_the_trigger_with_no_regularisation_images(toy):
+    """preserve_untriggered trains each star also under its caption without 'lwstar', toward the base model's
+    own prediction. Without regularisation images the plain recipe kept 41% of untriggered samples (benchmark,
+    96 + 128 samples); with preservation 90%, the star still drawn in 61%."""
+    concept = quality.CONCEPTS["star"]
+    images, captions = quality.training_set(concept)
+    model, _, _ = toy.train_ours(concept, images, captions, STEPS, name="test_star_preserved",
+                                 preserve_untriggered=True)
+    prompts = [s.caption() for s in SCOPE_SCENES]
+    same = quality.agreement(toy.read(toy.draw(toy.model, prompts, SEED, 2)), toy.read(toy.draw(model, prompts, SEED, 2)))
+    assert same >= PRESERVED_SCOPE_MIN, f"untriggered prompts: {same:.0%} same detections as the base model, same seeds"
+    triggered = [concept.prompt(s) for s in concept.scenes()[::6]]
+    learned = quality.share_showing(toy.read(toy.draw(model, triggered, SEED, 2)), "shape", "star")
+    assert learned >= CONCEPT_MIN, f"with the LoRA, {learned:.0%} of triggered samples show a star"
 
 
 def _stack(toy, rows: list, clamps: bool, decorrelate: bool = False):

@@ -62,6 +62,7 @@ def test_same_seed_same_file_bit_for_bit(comfy_host):
     ({"output_name": "../escape"}, "names may not contain '..'"),
     ({"captions": "one\ntwo\nthree"}, "3 captions for 4 images"),
     ({"rank": 64}, "rank 64 does not fit layer"),
+    ({"preserve_untriggered": True, "trigger_word": " "}, "preserve_untriggered trains each image without its trigger"),
 ])
 def test_bad_input_is_a_clear_error(comfy_host, extra, message):
     from conftest import PromptError
@@ -273,3 +274,4 @@ def test_cross_attention_targets_on_a_joint_attention_model_are_refused_before_t
     with pytest.raises(PromptError, match="a Flux model has no separate cross-attention layers"):
         comfy_host.run(prompt, outputs=["3"])
     assert not (comfy_host.loras_dir / "refused.safetensors").exists()
+

@@ -99,8 +99,9 @@ class ToyWorld:
     # ------------------------------------------------------------ training
     def train_ours(self, concept: Concept, images: torch.Tensor, captions: list[str], steps: int, rank: int = RANK,
                    learning_rate: float = LEARNING_RATE, name: str = "toy", reg: tuple | None = None, seed: int = 0,
-                   batch_size: int = BATCH, v_pred_like_loss: float = 0.0, targets: str = "attention"):
-        """Train LoRA (Workbench) at the node; returns (MODEL with the LoRA, LORA, seconds)."""
+                   batch_size: int = BATCH, targets: str = "attention", **optional):
+        """Train LoRA (Workbench) at the node; `optional`: its optional inputs (reg_target, v_pred_like_loss).
+        Returns (MODEL with the LoRA, LORA, seconds)."""
         node = self.nodes["LW_TrainLoRA"]
         args = dict(model=self.model, clip=self.clip, vae=self.vae, images=images, captions=captions,
                     trigger_word=concept.trigger, output_name=f"lw_toy/{name}", scope=f"toy world: {concept.value}",
@@ -112,8 +113,7 @@ class ToyWorld:
         lists = {k: ([v] if k != "captions" else [*v]) for k, v in args.items()}
         if reg is not None:
             lists["reg_images"], lists["reg_captions"] = [reg[0]], [*reg[1]]
-        if v_pred_like_loss:
-            lists["v_pred_like_loss"] = [v_pred_like_loss]
+        lists.update({k: [v] for k, v in optional.items()})
         began = time.perf_counter()
         out = node.execute(**lists)
         return out.args[0], out.args[2], time.perf_counter() - began
