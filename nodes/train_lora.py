@@ -140,6 +140,13 @@ class TrainLoRA(io.ComfyNode):
                 io.String.Input("reg_captions", optional=True, multiline=True, default="",
                                 tooltip="Captions of the regularisation images: one per line, or a dataset "
                                         "loader's texts."),
+                io.Float.Input("v_pred_like_loss", optional=True, default=0.0, min=0.0, max=10.0, step=0.1,
+                               tooltip="kohya's option: adds this much of a v-prediction-like loss, which weights "
+                                       "the noisiest steps (where shapes and layout are decided) more; 0 is off. "
+                                       "Measured on the toy world it did not help a LoRA learn a new shape. "
+                                       "Epsilon models (SD1.5, SDXL) only: v-prediction and flow models already "
+                                       "weight those steps."),
+                # New inputs go last: a saved workflow maps its widget values by position.
                 io.Boolean.Input("preserve_untriggered", optional=True, default=False,
                                  tooltip="Output preservation (ai-toolkit's Differential Output Preservation): each "
                                          "image is also trained under its caption without the trigger word, at the "
@@ -148,12 +155,6 @@ class TrainLoRA(io.ComfyNode):
                                          "what the base model draws, even without regularisation images. Needs a "
                                          "trigger word. A step costs up to 2.3x (each image trains twice, plus "
                                          "one forward of the base model)."),
-                io.Float.Input("v_pred_like_loss", optional=True, default=0.0, min=0.0, max=10.0, step=0.1,
-                               tooltip="kohya's option: adds this much of a v-prediction-like loss, which weights "
-                                       "the noisiest steps (where shapes and layout are decided) more; 0 is off. "
-                                       "Measured on the toy world it did not help a LoRA learn a new shape. "
-                                       "Epsilon models (SD1.5, SDXL) only: v-prediction and flow models already "
-                                       "weight those steps."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The base model with the new LoRA applied."),
