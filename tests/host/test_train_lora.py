@@ -275,3 +275,13 @@ def test_cross_attention_targets_on_a_joint_attention_model_are_refused_before_t
         comfy_host.run(prompt, outputs=["3"])
     assert not (comfy_host.loras_dir / "refused.safetensors").exists()
 
+
+
+@pytest.mark.parametrize("caption,trigger,expected", [
+    ("lwtest, a photo of a lighthouse", "lwtest", "a photo of a lighthouse"),    # the node's own prefix
+    ("a lwtest lighthouse, at dusk", "lwtest", "a lighthouse, at dusk"),         # the trigger inside a caption
+    ("lwtest-2 and lwtest, lwtest", "lwtest", "lwtest-2 and"),                   # a longer word keeps its part
+    ("a photo", "", "a photo"),                                                  # no trigger: unchanged
+])
+def test_the_untriggered_twin_caption_drops_only_the_trigger_word(comfy_host, caption, trigger, expected):
+    assert comfy_host.pack.nodes.train_bridge.without_trigger(caption, trigger) == expected
