@@ -219,7 +219,7 @@ class TrainingRun:
         self.targets = training_targets(self.model, a["targets"], self.family)  # none: refused now
         self.settings = _settings(a)
         self.settings.validate()
-        if a.get("preserve_untriggered") and not a["trigger_word"].strip():
+        if self.preserving and not a["trigger_word"].strip():
             raise LoRAError("Train LoRA: preserve_untriggered trains each image without its trigger word too; give "
                             "a trigger_word, or turn preserve_untriggered off.")
         self.start_step, self.optimizer_state = 0, None
@@ -268,7 +268,7 @@ class TrainingRun:
         a = self.a
         if not self.preserving:
             return
-        plain = [without_trigger(c, a["trigger_word"]) for c in split_captions(a["captions"], "", len(samples))]
+        plain = [without_trigger(c, a["trigger_word"]) for c in self.captions]
         by_caption = encode_captions(a["clip"], plain)
         for sample, twin in zip(samples, build_samples(self.model, [s.latent for s in samples],
                                                        [by_caption[c] for c in plain])):

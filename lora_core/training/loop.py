@@ -95,8 +95,12 @@ def _buckets(samples: list[Sample]) -> list[list[int]]:
 
 def collate_batch(samples: list[Sample], indices: list[int], device, collate: Callable) -> tuple[torch.Tensor, dict]:
     """The latents of samples[indices] stacked on `device`, and their conditioning as `collate` joins it."""
-    latent = torch.stack([samples[i].latent for i in indices]).to(device)
-    return latent, collate([samples[i].cond for i in indices], device)
+    batch = [samples[i] for i in indices]
+    return _latents(batch, device), collate([s.cond for s in batch], device)
+
+
+def _latents(batch: list[Sample], device) -> torch.Tensor:
+    return torch.stack([s.latent for s in batch]).to(device)
 
 
 def _pick(buckets: list[list[int]], batch_size: int, g: torch.Generator) -> list[int]:
@@ -147,7 +151,7 @@ def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parame
         total = 0.0
         for _ in range(settings.grad_accumulation):
             batch = [samples[i] for i in _pick(buckets, settings.batch_size, g)]
-            x0 = torch.stack([s.latent for s in batch]).to(device)
+            x0 = _latents(batch, device)
             noise = sample_noise(x0, g, settings.noise_offset)
             sigma = noise_model.sigma_of(torch.rand(x0.shape[0], generator=g, dtype=torch.float64)).float().to(device)
             x_t = noise_model.add_noise(x0, noise, sigma)
