@@ -159,7 +159,10 @@ function provenanceSummary(provenance) {
     if (s.steps) bits.push(`${s.steps} steps`);
     if (s.learning_rate) bits.push(`lr ${s.learning_rate}`);
     if (s.resolution) bits.push(`${s.resolution}px`);
-    if (s.preserve_untriggered) bits.push("output preservation");
+    if (s.preserve_untriggered) {
+      const weight = Number(s.preservation_weight ?? 1);
+      bits.push(weight === 1 ? "output preservation" : `output preservation ×${fmtNumber(weight, 2)}`);
+    }
     lines.push(`trained in LoRA Workbench on ${bits.join(", ")}`);
   }
   if (provenance.base_model_sha256) lines.push(`base model sha256 ${String(provenance.base_model_sha256).slice(0, 12)}…`);

@@ -36,13 +36,16 @@ class TrainSettings:
     min_snr_gamma: float = 5.0
     v_pred_like_loss: float = 0.0  # epsilon models only (kohya's option of the same name)
     max_grad_norm: float = 1.0
+    preservation_weight: float = 1.0  # the loss weight of output preservation's twin rows (Sample.twin)
 
     def validate(self) -> None:
         checks = [(self.steps >= 1, "steps must be at least 1"),
                   (self.batch_size >= 1, "batch_size must be at least 1"),
                   (self.grad_accumulation >= 1, "gradient accumulation must be at least 1"),
                   (math.isfinite(self.learning_rate) and self.learning_rate > 0, "learning rate must be > 0"),
-                  (0 <= self.warmup_steps <= self.steps, "warmup steps must be between 0 and steps")]
+                  (0 <= self.warmup_steps <= self.steps, "warmup steps must be between 0 and steps"),
+                  (math.isfinite(self.preservation_weight) and self.preservation_weight > 0,
+                   "preservation_weight must be > 0")]
         for ok, message in checks:
             if not ok:
                 raise LoRAError(f"Train LoRA: {message}.")
@@ -155,6 +158,7 @@ def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parame
             noise = sample_noise(x0, g, settings.noise_offset)
             sigma = noise_model.sigma_of(torch.rand(x0.shape[0], generator=g, dtype=torch.float64)).float().to(device)
             x_t = noise_model.add_noise(x0, noise, sigma)
+            rows = len(batch)
             if base_denoise is not None and any(s.twin is not None for s in batch):
                 x_t, sigma, x0, batch = _with_twins(batch, x_t, sigma, x0, base_denoise, device, collate)
             cond = collate([s.cond for s in batch], device)
@@ -162,6 +166,8 @@ def train(denoise: Callable, samples: list[Sample], params: list[torch.nn.Parame
                 with torch.no_grad():
                     x0 = target(x_t, sigma, cond)
             weight = noise_model.loss_weight(sigma, settings.min_snr_gamma, settings.v_pred_like_loss)
+            if len(batch) > rows and settings.preservation_weight != 1.0:
+                weight = torch.cat([weight[:rows], weight[rows:] * settings.preservation_weight])
             loss = weighted_x0_loss(denoise(x_t, sigma, cond), x0, weight)
             if not torch.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)

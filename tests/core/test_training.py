@@ -20,6 +20,7 @@ from lora_core.training import (
     simple_noise_model,
     train,
 )
+from lora_core.errors import LoRAError
 from lora_core.training.objective import EPS, FLOW
 
 
@@ -237,7 +238,7 @@ def _base_of(model, layers):
     return base_denoise
 
 
-def _untriggered_drift(preserve: bool, steps=150):
+def _untriggered_drift(preserve: bool, steps=150, weight=1.0):
     """Train on the twinned data (clean latents as targets); how far the untriggered outputs move from the
     base model's, and how well the triggered samples are fitted."""
     noise_model = simple_noise_model(EPS)
@@ -245,7 +246,8 @@ def _untriggered_drift(preserve: bool, steps=150):
     layers = _install(model, rank=4, seed=3)
     params = [p for layer in layers for p in layer.parameters()]
     data = _twinned_data()
-    settings = TrainSettings(steps=steps, learning_rate=3e-3, batch_size=4, seed=7, lr_schedule="constant")
+    settings = TrainSettings(steps=steps, learning_rate=3e-3, batch_size=4, seed=7, lr_schedule="constant",
+                             preservation_weight=weight)
     result, _ = train(model, data, params, noise_model, settings,
                       base_denoise=_base_of(model, layers) if preserve else None)
     g = torch.Generator().manual_seed(99)
@@ -264,6 +266,37 @@ def test_output_preservation_keeps_untriggered_outputs_near_the_base_model():
     assert drift_kept < 0.4 * drift_plain    # with it they stay near the base model (measured 0.28x)
     # and the triggered samples are still learned (the loss includes the twins' rows, which start at 0)
     assert sum(losses_kept[-10:]) < 0.8 * sum(losses_kept[:10])
+
+
+def test_a_higher_preservation_weight_keeps_untriggered_outputs_nearer_the_base_model():
+    drift_1, _ = _untriggered_drift(True)
+    drift_4, losses_4 = _untriggered_drift(True, weight=4.0)
+    assert drift_4 < 0.7 * drift_1, (drift_4, drift_1)  # measured 0.44x
+    assert sum(losses_4[-10:]) < 0.8 * sum(losses_4[:10])  # still learning
+
+
+def test_the_preservation_weight_scales_only_the_twin_rows_loss(monkeypatch):
+    from lora_core.training import loop
+    seen = []
+
+    def weighted(pred, x0, weight):
+        seen.append(weight.clone())
+        return ((pred - x0) ** 2).mean()
+    monkeypatch.setattr(loop, "weighted_x0_loss", weighted)
+    for w in (1.0, 2.5):
+        model = ToyDenoiser()
+        layers = _install(model, rank=2, seed=0)
+        train(model, _twinned_data(n=4), [p for layer in layers for p in layer.parameters()], simple_noise_model(),
+              TrainSettings(steps=1, batch_size=4, learning_rate=1e-9, preservation_weight=w),
+              base_denoise=_base_of(model, layers))
+    plain, scaled = seen
+    assert len(plain) == 8 and torch.equal(scaled[:4], plain[:4]) and torch.equal(scaled[4:], plain[4:] * 2.5)
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_preservation_weight_that_is_not_positive_and_finite_is_refused(weight):
+    with pytest.raises(LoRAError, match="preservation_weight must be > 0"):
+        TrainSettings(preservation_weight=weight).validate()
 
 
 def test_twins_share_their_samples_noise_and_regress_onto_the_base_prediction():
