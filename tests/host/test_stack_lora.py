@@ -44,6 +44,21 @@ def stack(comfy_host, model, clip, rows, **settings):
     return node.execute(model=model, clip=clip, **(ROW_DEFAULTS | settings), **rows).args[:5]
 
 
+def test_at_its_widget_defaults_a_stack_of_two_loras_at_1_keeps_both_strengths(comfy_host, sd15, three_loras):
+    """Issue 16: on the toy world the budget (1.5) and the layer cap (0.10) took both concepts of such a stack
+    away, so both are off until asked for; the weight range [-1, 1] stays on."""
+    node = comfy_host.pack.nodes.stack_lora.StackLoRA
+    defaults = {i.id: i.default for i in node.define_schema().inputs if i.id in ROW_DEFAULTS}
+    assert defaults == ROW_DEFAULTS | {"use_budget": False}
+    model, clip = sd15
+    rows = _rows([(three_loras[0], 1.0, 1.0, True), (three_loras[1], 1.0, 1.0, True)])
+    _, _, stack_out, report, _ = node.execute(model=model, clip=clip, **defaults, **rows).args[:5]
+    assert [(s[1], s[2]) for s in stack_out] == [(1.0, 1.0), (1.0, 1.0)], report
+    rows = _rows([(three_loras[0], 1.6, 1.0, True), (three_loras[1], 1.0, 1.0, True)])
+    _, _, stack_out, _, _ = node.execute(model=model, clip=clip, **defaults, **rows).args[:5]
+    assert stack_out[0][1] == 1.0  # the range still clamps
+
+
 def test_merge_stack_equals_core_loaders_at_the_clamped_strengths(comfy_host, sd15, three_loras):
     model, clip = sd15
     requested = [(three_loras[0], 0.9, 0.5, True), (three_loras[1], 1.4, 0.5, True), (three_loras[2], -0.6, 0.5, True)]
