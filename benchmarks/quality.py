@@ -48,6 +48,21 @@ OUR_RUNS = (
     ("reg_preserve_cross", "ours + regularisation + output preservation, cross-attention, lr 8e-3",
      "ours + reg + preservation, cross-attn", True,
      {"preserve_untriggered": True, "targets": "cross-attention", "learning_rate": 8e-3}),
+    # Preservation weighed 3x against the images, and a rate high enough to learn through it: in the
+    # exploration the star at 83% with none of the untriggered samples the base model draws right changed.
+    ("reg_preserve3_cross", "ours + regularisation + output preservation x3, cross-attention, lr 2.4e-2",
+     "ours + reg + preservation x3, cross-attn, lr 2.4e-2", True,
+     {"preserve_untriggered": True, "preservation_weight": 3.0, "targets": "cross-attention", "learning_rate": 2.4e-2}),
+)
+# Stack LoRA's clamp widgets, and the stacks measured: (row, "off" or "defaults", widgets set on top).
+CLAMP_WIDGETS = ("clamp_weights", "weight_min", "weight_max", "use_budget", "budget", "use_layer_cap", "layer_cap",
+                 "decorrelate", "use_spectral_cap", "spectral_cap")
+STACKS = (
+    ("1.0 each, no clamps", "off", {}),
+    ("default clamps", "defaults", {}),
+    ("decorrelate", "off", {"decorrelate": True}),
+    ("budget 1.5 + layer cap 0.10 (the defaults until 2026-11-30)", "off",
+     {"clamp_weights": True, "use_budget": True, "budget": 1.5, "use_layer_cap": True, "layer_cap": 0.10}),
 )
 # The stacks and merges use the LoRAs trained with regularisation.
 FIGURE = HERE.parent / "docs" / "images" / "toy_world_quality.png"
@@ -90,7 +105,11 @@ class Bench:
         prompts = [s.caption() for s in self.untriggered]
         base = self.base_drawing("untriggered", prompts)
         drawn = self.draw(model, prompts)
-        return {"same_detections": round(self.q.agreement(self.toy.read(base), self.toy.read(drawn)), 4),
+        base_read, drawn_read = self.toy.read(base), self.toy.read(drawn)
+        scenes = [s for s in self.untriggered for _ in range(self.per_prompt)]  # draw()'s order: prompt by prompt
+        kept, right = self.q.agreement_where_drawn_right(base_read, drawn_read, scenes)
+        return {"same_detections": round(self.q.agreement(base_read, drawn_read), 4),
+                "same_where_base_right": round(kept, 4), "base_right": right, "samples": len(base_read),
                 "movement": round(self.q.mean_movement(base, drawn), 4)}
 
     def concept_scenes(self, concept):
@@ -175,15 +194,18 @@ class Bench:
     def figures(self, model, concept) -> dict:
         return {"concept": self.concept(model, concept), "scope": self.scope(model)}
 
-    def stack(self, loras, clamps: str, decorrelate: bool = False):
+    def stack(self, loras, clamps: str = "defaults", **overrides):
+        """Stack LoRA in merge mode at 1.0 each; clamps "defaults": every clamp widget at the node's own
+        default (read from its schema, so the row follows the defaults), "off": none; then `overrides`."""
         node = self.toy.nodes["LW_StackLoRA"]
-        on = clamps == "defaults"
+        widgets = {i.id: i.default for i in node.define_schema().inputs if i.id in CLAMP_WIDGETS}
+        if clamps == "off":
+            widgets.update({k: False for k in CLAMP_WIDGETS if isinstance(widgets[k], bool)})
+        widgets.update(overrides)
         rows = {}
         for i, lora in enumerate(loras, start=1):
             rows.update({f"lora_{i}_in": lora, f"strength_model_{i}": 1.0, f"strength_clip_{i}": 1.0, f"on_{i}": True})
-        out = node.execute(model=self.toy.model, clip=self.toy.clip, mode="merge", clamp_weights=on,
-                           weight_min=-1.0, weight_max=1.0, use_budget=on, budget=1.5, use_layer_cap=on,
-                           layer_cap=0.10, decorrelate=decorrelate, **rows)
+        out = node.execute(model=self.toy.model, clip=self.toy.clip, mode="merge", **widgets, **rows)
         return out.args[0], out.args[1], out.args[3]
 
     def both(self, model, clip, a, b) -> dict:
@@ -202,10 +224,9 @@ class Bench:
         a, b = q.CONCEPTS["star"], q.CONCEPTS["dotted"]
         loras = [self.loras["star"]["reg"], self.loras["dotted"]["reg"]]
         out = {}
-        for label, clamps, decorrelate in (("1.0 each, no clamps", "off", False), ("default clamps", "defaults", False),
-                                           ("default clamps + decorrelate", "defaults", True)):
+        for label, clamps, overrides in STACKS:
             log(f"stack: {label}")
-            model, clip, report = self.stack(loras, clamps, decorrelate)
+            model, clip, report = self.stack(loras, clamps, **overrides)
             out[label] = {**self.both(model, clip, a, b), "scope": self.scope(model)}
             self.keep_for_figure(f"stack, {label}", model, clip)
             if label == "1.0 each, no clamps":
@@ -286,25 +307,26 @@ def render(r: dict) -> str:
         lines += [f"## {key}: {t['images']} images ({t.get('reg_images', 20)} for regularisation), {t['steps']} steps, "
                   f"rank {t['rank']}, batch {t.get('batch_size', 4)}", "",
                   f"base model shows it in {t['base']['shows_value']:.0%} of {t['base']['samples']} triggered samples",
-                  "", "| run | concept (shows the value) | scope (same detections) | movement | seconds |",
-                  "|---|---|---|---|---|"]
+                  "", "| run | concept (shows the value) | scope (same detections) | scope where the base draws "
+                  "right | movement | seconds |", "|---|---|---|---|---|---|"]
         for name, run in t["runs"].items():
             if "error" in run:
-                lines.append(f"| {name} | failed: {run['error']} | | | |")
+                lines.append(f"| {name} | failed: {run['error']} | | | | |")
                 continue
-            lines.append(f"| {name} | {run['concept']['shows_value']:.0%} | {run['scope']['same_detections']:.0%} | "
-                         f"{run['scope']['movement']:.3f} | {run['seconds']} |")
+            lines.append(f"| {name} | {run['concept']['shows_value']:.0%} | {_scope_cells(run['scope'])} | "
+                         f"{run['seconds']} |")
         lines.append("")
     if "scope floor" in r:
         floor = r["scope floor"]["scope"]
         lines += [f"Scope floor: a LoRA trained with the same recipe on {r['train star']['images']} more base-world "
                   f"images (nothing new to learn) keeps {floor['same_detections']:.0%} of the untriggered samples "
-                  f"(movement {floor['movement']:.3f}).", ""]
+                  f"(movement {floor['movement']:.3f}); {_where_right(floor)}.", ""]
     lines += ["## Stacking: star + dotted, 1.0 each", "",
-              "| stack | shows both | star | dotted | scope (same detections) | movement |", "|---|---|---|---|---|---|"]
+              "| stack | shows both | star | dotted | scope (same detections) | scope where the base draws right | "
+              "movement |", "|---|---|---|---|---|---|---|"]
     for name, s in r["stacking"].items():
         lines.append(f"| {name} | {s['shows_both']:.0%} | {s['shows_star']:.0%} | {s['shows_dotted']:.0%} | "
-                     f"{s['scope']['same_detections']:.0%} | {s['scope']['movement']:.3f} |")
+                     f"{_scope_cells(s['scope'])} |")
     lines += ["", "## Merge of the two against their unclamped stack", "",
               "| merge | shows both | same detections as the stack | movement from the stack |", "|---|---|---|---|"]
     for name, m in r["merge"].items():
@@ -312,6 +334,16 @@ def render(r: dict) -> str:
                      f"{m['movement_from_stack']:.3f} |")
     lines += ["", f"{r['seconds']} s in all."]
     return "\n".join(lines)
+
+
+def _scope_cells(scope: dict) -> str:
+    where = f"{scope['same_where_base_right']:.1%} of {scope['base_right']}" if "base_right" in scope else "-"
+    return f"{scope['same_detections']:.1%} | {where} | {scope['movement']:.3f}"
+
+
+def _where_right(scope: dict) -> str:
+    return (f"of the {scope['base_right']} of {scope['samples']} samples the base model draws as captioned, "
+            f"it keeps {scope['same_where_base_right']:.1%}")
 
 
 if __name__ == "__main__":

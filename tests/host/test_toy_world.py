@@ -5,6 +5,7 @@ with its threshold stated. The models are built once by scripts/comfy_host.py (c
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -72,6 +73,7 @@ STEPS = 600
 # same detections as its stack. Thresholds leave room for the 16 samples here.
 CONCEPT_MIN = 0.25
 SCOPE_MIN = 0.85
+SCOPE_WHERE_RIGHT_MIN = 0.9
 MERGE_SAME_MIN = 0.8
 # Output preservation with no regularisation images: 90% in the benchmark, 83% (20 of 24) here on 2026-11-30;
 # the plain recipe without regularisation images keeps 41%.
@@ -92,10 +94,28 @@ def test_trained_lora_keeps_prompts_without_its_trigger(toy, star_training):
     prompts = [s.caption() for s in SCOPE_SCENES]
     base = toy.draw(toy.model, prompts, SEED, 2)
     drawn = toy.draw(star_training["model"], prompts, SEED, 2)
-    same = quality.agreement(toy.read(base), toy.read(drawn))
+    base_read, drawn_read = toy.read(base), toy.read(drawn)
+    same = quality.agreement(base_read, drawn_read)
     moved = quality.mean_movement(base, drawn)
     assert same >= SCOPE_MIN, f"untriggered prompts: {same:.0%} same detections as the base model, same seeds " \
                               f"(movement {moved:.3f})"
+    scenes = [s for s in SCOPE_SCENES for _ in range(2)]  # draw()'s order: each prompt's 2 samples together
+    kept, right = quality.agreement_where_drawn_right(base_read, drawn_read, scenes)
+    assert right >= 0.8 * len(base_read), f"the base model drew only {right} of {len(base_read)} samples as captioned"
+    assert kept >= SCOPE_WHERE_RIGHT_MIN, f"of the {right} samples the base draws right, {kept:.0%} stay the same"
+
+
+def test_scope_where_the_base_draws_right_counts_only_the_pairs_whose_base_image_matches_its_caption():
+    red = world.Scene("triangle", "red", "grey", "plain")
+    blue = world.Scene("circle", "blue", "grey", "striped")
+    read = lambda s: dataclasses.asdict(s)  # noqa: E731  a detector reading names every kind
+    base = [read(red), read(blue), read(red), read(blue)]  # the third and fourth are wrong for their captions
+    drawn = [read(red), read(red), read(blue), read(blue)]
+    scenes = [red, blue, blue, red]
+    assert quality.agreement(base, drawn) == 0.5
+    assert quality.agreement_where_drawn_right(base, drawn, scenes) == (0.5, 2)   # pairs 1 and 2: one kept
+    assert quality.agreement_where_drawn_right(base, base, scenes) == (1.0, 2)
+    assert quality.agreement_where_drawn_right(base[2:], drawn[2:], scenes[2:]) == (0.0, 0)
 
 
 def test_output_preservation_keeps_prompts_without_the_trigger_with_no_regularisation_images(toy):
