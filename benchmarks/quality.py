@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What a LoRA does, measured on the toy world: concept, scope, against core, stacking, merge.
 
-    python3 benchmarks/quality.py            # full figures (4 seeds, 600 steps): 20 minutes on 2 cores
+    python3 benchmarks/quality.py            # full figures (4 seeds, 600 steps): 27 minutes on 2 cores
     python3 benchmarks/quality.py --quick    # 2 seeds, 300 steps: about 5 minutes on 2 cores
 
 Runs in the pinned ComfyUI host's python (re-executes itself like benchmarks/run.py), loads the
