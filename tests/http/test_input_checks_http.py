@@ -186,6 +186,8 @@ BAD = {
     "train: noise_offset NaN": (lambda: train_prompt(noise_offset=NAN), "failed", ["'noise_offset'", "nan"]),
     "train: v_pred_like_loss NaN": (lambda: train_prompt(v_pred_like_loss=NAN), "failed",
                                     ["'v_pred_like_loss'", "nan"]),
+    "train: preservation_weight NaN": (lambda: train_prompt(preserve_untriggered=True, preservation_weight=NAN),
+                                       "failed", ["'preservation_weight'", "nan"]),
     "train: noise_offset inf": (lambda: train_prompt(noise_offset=INF), "rejected", ["noise_offset", "inf"]),
     "train: steps NaN": (lambda: train_prompt(steps=NAN), "rejected", ["steps", "nan"]),
 }
