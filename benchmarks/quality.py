@@ -49,7 +49,8 @@ OUR_RUNS = (
      "ours + reg + preservation, cross-attn", True,
      {"preserve_untriggered": True, "targets": "cross-attention", "learning_rate": 8e-3}),
     # Preservation weighed 3x against the images, and a rate high enough to learn through it: in the
-    # exploration the star at 83% with none of the untriggered samples the base model draws right changed.
+    # exploration the star in 77% (83% with the twins repeated 3x instead), none of the untriggered samples
+    # the base model draws right changed.
     ("reg_preserve3_cross", "ours + regularisation + output preservation x3, cross-attention, lr 2.4e-2",
      "ours + reg + preservation x3, cross-attn, lr 2.4e-2", True,
      {"preserve_untriggered": True, "preservation_weight": 3.0, "targets": "cross-attention", "learning_rate": 2.4e-2}),

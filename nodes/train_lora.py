@@ -160,8 +160,8 @@ class TrainLoRA(io.ComfyNode):
                                        "against the images themselves. Higher keeps prompts without the trigger "
                                        "closer to the base model and learns the concept more slowly (raise the "
                                        "learning rate with it). On the toy world 3.0 with cross-attention targets at "
-                                       "learning rate 2.4e-2 learned the new shape and changed none of the "
-                                       "untriggered samples the base model draws right."),
+                                       "learning rate 2.4e-2 drew the new shape in 77% of samples and changed "
+                                       "none of the untriggered samples the base model draws right."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The base model with the new LoRA applied."),
