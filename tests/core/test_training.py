@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from autograd_probe import saved_tensor_bytes
+from lora_core.errors import LoRAError
 from lora_core.training import (
     CheckpointedForward,
     LoRATrainLayer,
@@ -20,7 +21,6 @@ from lora_core.training import (
     simple_noise_model,
     train,
 )
-from lora_core.errors import LoRAError
 from lora_core.training.objective import EPS, FLOW
 
 

@@ -108,7 +108,7 @@ def test_trained_lora_keeps_prompts_without_its_trigger(toy, star_training):
 def test_scope_where_the_base_draws_right_counts_only_the_pairs_whose_base_image_matches_its_caption():
     red = world.Scene("triangle", "red", "grey", "plain")
     blue = world.Scene("circle", "blue", "grey", "striped")
-    read = lambda s: dataclasses.asdict(s)  # noqa: E731  a detector reading names every kind
+    read = dataclasses.asdict  # a detector reading names every kind, as a Scene's fields do
     base = [read(red), read(blue), read(red), read(blue)]  # the third and fourth are wrong for their captions
     drawn = [read(red), read(red), read(blue), read(blue)]
     scenes = [red, blue, blue, red]

@@ -276,7 +276,6 @@ def test_cross_attention_targets_on_a_joint_attention_model_are_refused_before_t
     assert not (comfy_host.loras_dir / "refused.safetensors").exists()
 
 
-
 @pytest.mark.parametrize("caption,trigger,expected", [
     ("lwtest, a photo of a lighthouse", "lwtest", "a photo of a lighthouse"),    # the node's own prefix
     ("a lwtest lighthouse, at dusk", "lwtest", "a lighthouse, at dusk"),         # the trigger inside a caption
