@@ -186,6 +186,30 @@ def test_info_panel_shows_trigger_words_and_copies_them(ui, info_route):
     ui.page.locator("[data-lw-info] .lw-trigger[data-word='lwdemoa']").wait_for(timeout=10_000)
 
 
+
+@pytest.mark.parametrize(("weight", "label"), [(3.0, "output preservation ×3"), (1.0, "output preservation,")])
+def test_info_panel_says_how_a_trained_lora_was_trained(ui, info_route, host_install, loras_dir, weight, label):
+    """A Train LoRA file's provenance as the panel words it: images, steps, rate, and output preservation with
+    its weight when that is not 1 (the demo style's tensors under a provenance Train LoRA writes)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(host_install.comfyui / "models" / "loras" / STYLE), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    settings = {"steps": 600, "learning_rate": 0.024, "resolution": 64, "preserve_untriggered": True,
+                "preservation_weight": weight}
+    metadata["lw.provenance"] = json.dumps({"images_sha256": ["0" * 64] * 50, "reg_images_sha256": ["1" * 64] * 20,
+                                            "settings": settings})
+    name = f"lw_provenance_w{weight:g}.safetensors"
+    save_file(tensors, str(loras_dir / name), metadata)
+    load = ui.add_node("LW_LoadLoRA", (80, 40), {"lora_name": name})  # not listed until a refresh: set directly
+    ui.focus([load], top=40)
+    panel = ui.page.locator(f"[data-lw-info] .lw-info[data-name='{name}']")
+    panel.wait_for(timeout=10_000)
+    text = panel.inner_text()
+    assert ("trained in LoRA Workbench on 50 images, 20 regularisation images, 600 steps, lr 0.024, 64px, "
+            f"{label}") in text + ",", text
+
+
 def _get(url: str):
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
