@@ -27,6 +27,7 @@ CORE, OURS_CHAIN, OURS_STACK, OURS_CHAIN_BYPASS, OURS_STACK_BYPASS = (
     "core LoraLoaderModelOnly chain", "ours LoadLoRA chain (merge)", "ours StackLoRA (merge)",
     "ours LoadLoRA chain (bypass)", "ours StackLoRA (bypass)")
 IMPLS = [CORE, OURS_CHAIN, OURS_STACK, OURS_CHAIN_BYPASS, OURS_STACK_BYPASS]
+HOST_LOOP = "ComfyUI's patch loop, zero patch"  # the host floor's turn in the alternation (not a node chain)
 STRENGTHS = (1.0, 0.8)  # the changed LoRA alternates between these
 COLD, WARM = "cold", "warm"
 # What a file's content determines; per-model caches (key maps, weight norms) stay: core has its own cost there.
