@@ -292,8 +292,8 @@ def _stacks(hub, base, cases: dict, args, st, measure, log, gate) -> tuple[dict,
             loop_s = []
             for impl in impls:  # warm-up
                 st.cycle(hub, impl, base, names, rep=-1, stacker=kept.get(impl))
+            turns = [*impls, st.HOST_LOOP]
             for rep in range(args.reps):
-                turns = [*impls, st.HOST_LOOP]
                 for impl in turns[rep % len(turns):] + turns[:rep % len(turns)]:
                     gate()
                     if impl == st.HOST_LOOP:
