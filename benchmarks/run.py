@@ -292,6 +292,7 @@ def _stacks(hub, base, cases: dict, args, st, measure, log, gate) -> tuple[dict,
             loop_s = []
             for impl in impls:  # warm-up
                 st.cycle(hub, impl, base, names, rep=-1, stacker=kept.get(impl))
+            st.host_loop_seconds(hub, base, cases[case]["keys"], reps=1)  # its warm-up too: like with like
             turns = [*impls, st.HOST_LOOP]
             for rep in range(args.reps):
                 for impl in turns[rep % len(turns):] + turns[:rep % len(turns)]:
